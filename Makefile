@@ -1,0 +1,34 @@
+# medseg: the two commands of the README, each doing its own idempotent set-up.
+#   make demo   synthetic BraTS-like data → check → 5-fold split (CPU, minutes)
+#   make test   the default test suite (slow tests: make test-slow)
+# torch is installed first (TORCH_SPEC), so a CPU machine never pulls CUDA wheels.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= demo_data/brats2023
+PY := $(VENV)/bin/python
+MEDSEG := $(VENV)/bin/medseg
+
+.PHONY: setup demo test test-slow clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(PY) -m medseg demo --out $(DEMO_DIR)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) demo_data runs

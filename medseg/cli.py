@@ -1,0 +1,170 @@
+"""`medseg` command line: parse, call one function, print.
+
+Exit status: 0 success, 1 the data check found errors, 2 bad input or usage
+(the message says what and how to fix it; no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from medseg import __version__
+from medseg.errors import MedsegError
+
+__all__ = ["main", "build_parser"]
+
+
+def _progress(label: str):
+    """A one-line progress display on a terminal; silent otherwise (logs, CI)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(i: int, n: int, what: str) -> None:
+        end = "\n" if i == n else ""
+        print(f"\r{label} {i}/{n} {what:<30}", end=end, file=sys.stderr, flush=True)
+    return show
+
+
+def _cmd_synth(a) -> int:
+    from medseg.data.synth import synthesize
+    ids = synthesize(a.out, a.cases, a.layout, a.seed, tuple(a.shape), a.test_cases,
+                     not a.uniform_geometry, a.preview, progress=_progress("synth"))
+    print(f"wrote {len(ids)} {a.layout} cases ({a.cases} labelled, {a.test_cases} unlabelled) "
+          f"to {a.out}" + (f"; preview {a.preview}" if a.preview else ""))
+    return 0
+
+
+def _cmd_index(a) -> int:
+    from medseg.data.discover import discover, resolve_convention
+    ds = discover(a.root)
+    conv, _ = resolve_convention(ds, a.convention, a.jobs)
+    if a.json:
+        print(json.dumps({
+            "root": str(ds.root), "layout": ds.layout.name, "label_convention": conv.name,
+            "channels": list(ds.layout.channels),
+            "cases": [{"id": c.case_id, "patient": c.patient_id,
+                       "images": [str(p) for p in c.images],
+                       "label": str(c.label) if c.label else None,
+                       "missing": list(c.missing)} for c in ds.cases],
+            "ignored": [str(p) for p in ds.ignored]}, indent=2))
+        return 0
+    patients = len({c.patient_id for c in ds.training})
+    print(f"root        {ds.root}")
+    print(f"layout      {ds.layout.name} (channels {', '.join(ds.layout.channels)})")
+    print(f"labels      {conv.name}: {conv.description}")
+    print(f"training    {len(ds.training)} cases with labels ({patients} patients)")
+    print(f"testing     {len(ds.testing)} cases without labels")
+    incomplete = [c.case_id for c in ds.cases if c.missing]
+    if incomplete:
+        print(f"incomplete  {len(incomplete)} cases miss files: {', '.join(incomplete[:5])}"
+              " (run `medseg data check`)")
+    if ds.ignored:
+        print(f"ignored     {len(ds.ignored)} NIfTI files that fit no case, e.g. {ds.ignored[0]}")
+    return 0
+
+
+def _cmd_check(a) -> int:
+    from medseg.data.validate import check_dataset
+    rep = check_dataset(a.root, a.convention, a.jobs, a.affine_tol, progress=_progress("check"))
+    for f in rep.errors:
+        print(f)
+    warns = rep.warnings
+    if a.verbose:
+        for f in warns:
+            print(f)
+    elif warns:
+        kinds = Counter(f.kind for f in warns)
+        for kind, n in kinds.items():
+            print(f"WARNING {n} cases: {kind} (handled by medseg; --verbose lists them)")
+    ds = rep.dataset
+    conv = rep.convention.name if rep.convention else "unknown"
+    status = "OK" if rep.ok else "FAILED"
+    print(f"{status}: {len(ds.cases)} cases ({len(ds.training)} labelled) in {ds.layout.name} "
+          f"layout, labels {conv}: {len(rep.errors)} errors, {len(warns)} warnings")
+    return 0 if rep.ok else 1
+
+
+def _cmd_split(a) -> int:
+    from medseg.data.discover import discover, resolve_convention
+    from medseg.data.folds import build_datalist, write_datalist
+    ds = discover(a.root)
+    conv, scans = resolve_convention(ds, a.convention, a.jobs)
+    name = a.name or Path(a.out).stem
+    dl = build_datalist(ds, conv, scans, a.folds, a.seed, name)
+    written = write_datalist(dl, a.out, a.overwrite)
+    sizes = [sum(1 for e in dl["training"] if e["fold"] == k) for k in range(a.folds)]
+    print(f"{'wrote' if written else 'unchanged'} {a.out}: {len(dl['training'])} cases in "
+          f"{a.folds} folds {sizes} (seed {a.seed}, patient-grouped), {len(dl['testing'])} testing, "
+          f"labels {conv.name}")
+    return 0
+
+
+def _cmd_demo(a) -> int:
+    from medseg.demo import run_demo
+    return run_demo(a.out, a.datalist, print_fn=print)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medseg", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action="version", version=f"medseg {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="index, check, split or synthesize a dataset")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    s = dsub.add_parser("synth", help="write a synthetic BraTS-like dataset")
+    s.add_argument("--cases", type=int, required=True, help="number of labelled cases")
+    s.add_argument("--out", required=True, help="new (or empty) output folder")
+    s.add_argument("--layout", choices=["brats2021", "brats2023", "msd"], default="brats2023")
+    s.add_argument("--shape", type=int, nargs=3, default=[96, 96, 64], metavar=("X", "Y", "Z"),
+                   help="grid over a 240x240x155 mm field of view (240 240 155 = BraTS 1 mm)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--test-cases", type=int, default=0, help="extra cases without labels")
+    s.add_argument("--uniform-geometry", action="store_true",
+                   help="all cases RAS and isotropic (default: some LPS/PIR or thick-slice cases)")
+    s.add_argument("--preview", help="write a PNG montage of the first cases")
+    s.set_defaults(func=_cmd_synth)
+
+    for name, func, help_ in (("index", _cmd_index, "list the cases under a data root"),
+                              ("check", _cmd_check, "validate every case; exit 1 on errors"),
+                              ("split", _cmd_split, "write a K-fold datalist")):
+        c = dsub.add_parser(name, help=help_)
+        c.add_argument("--root", required=True, help="data root (BraTS 2021, BraTS 2023+ or MSD Task01)")
+        c.add_argument("--convention", choices=["brats2021", "brats2023", "brats2024", "msd"],
+                       help="label convention (default: detected from file names and label values)")
+        c.add_argument("--jobs", type=int, default=None, help="reader threads (default: CPU count)")
+        c.set_defaults(func=func)
+        if name == "index":
+            c.add_argument("--json", action="store_true", help="print the case list as JSON")
+        if name == "check":
+            c.add_argument("--affine-tol", type=float, default=1e-3,
+                           help="largest affine difference between a case's files (default 1e-3)")
+            c.add_argument("--verbose", "-v", action="store_true", help="list every warning")
+        if name == "split":
+            c.add_argument("--folds", type=int, default=5)
+            c.add_argument("--seed", type=int, default=0)
+            c.add_argument("--out", required=True, help="datalist JSON, e.g. data_lists/NAME.json")
+            c.add_argument("--name", default="", help="datalist name (default: file name)")
+            c.add_argument("--overwrite", action="store_true", help="replace a different existing datalist")
+
+    d = sub.add_parser("demo", help="synthetic data → check → 5-fold split, on the CPU")
+    d.add_argument("--out", default="demo_data/brats2023", help="synthetic data folder")
+    d.add_argument("--datalist", default="data_lists/demo_brats2023.json")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MedsegError as exc:
+        print(f"medseg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medseg: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Data layer: discovery, validation, folds, synthetic data and NIfTI I/O."""

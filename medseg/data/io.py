@@ -1,0 +1,129 @@
+"""Reading NIfTI files with errors for people, and atomic writes.
+
+Every failure names the file, what was expected and how to fix it, instead of a
+nibabel or gzip traceback. Every write goes to a temporary file in the target
+folder first and is renamed into place, so an interrupted run never leaves a
+half-written mask, datalist or checkpoint.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import nibabel as nib
+import numpy as np
+
+from medseg.errors import DataError
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "is_nifti",
+    "nifti_stem",
+    "load_header",
+    "load_array",
+    "atomic_path",
+    "write_json",
+    "write_nifti",
+]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+# Errors nibabel raises for truncated, corrupt or foreign files.
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
+                nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError)
+
+
+def is_nifti(path: Path) -> bool:
+    name = path.name
+    return not name.startswith("._") and name.endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: Path) -> str:
+    """`BraTS2021_00000_t1.nii.gz` → `BraTS2021_00000_t1`."""
+    name = path.name
+    for suf in NIFTI_SUFFIXES:
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return path.stem
+
+
+def load_header(path: Path) -> nib.Nifti1Image:
+    """Open a NIfTI image lazily (header only; data is read on demand)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+    except _READ_ERRORS as exc:
+        raise DataError(
+            f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc}); expected a "
+            ".nii or .nii.gz image: re-export or re-download this file") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DataError(f"{path}: expected a NIfTI image, found {type(img).__name__}; "
+                        "convert it to .nii.gz")
+    return img
+
+
+def load_array(path: Path, img: nib.Nifti1Image | None = None,
+               dtype: type = np.float32) -> np.ndarray:
+    """Read the voxel data of `path`; a truncated file is a `DataError`, not a traceback."""
+    img = img if img is not None else load_header(path)
+    try:
+        return np.asarray(img.dataobj, dtype=dtype)
+    except _READ_ERRORS as exc:
+        raise DataError(
+            f"{path}: image data could not be read ({type(exc).__name__}: {exc}); the file is "
+            "probably truncated or corrupt: re-export or re-download it") from None
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; rename it onto `target` on success.
+
+    The temporary name keeps `target`'s suffixes (nibabel picks compression from
+    `.nii.gz`). On any exception the temporary file is removed and `target` is
+    untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(target.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}.", suffix=suffix,
+                               dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(obj: object, target: Path) -> None:
+    """Write `obj` as indented JSON to `target`, atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_nifti(array: np.ndarray, affine: np.ndarray, target: Path,
+                header: nib.Nifti1Header | None = None) -> None:
+    """Write `array` on the grid `affine` to `target` (.nii or .nii.gz), atomically.
+
+    With `header`, its qform/sform codes and units are kept, so that a mask
+    written on an input's grid has the same header geometry as the input.
+    """
+    hdr = header.copy() if header is not None else None
+    img = nib.Nifti1Image(array, affine, header=hdr)
+    if header is not None:
+        img.set_qform(affine, int(header["qform_code"]) or 1)
+        img.set_sform(affine, int(header["sform_code"]) or 1)
+    img.set_data_dtype(array.dtype)
+    with atomic_path(target) as tmp:
+        nib.save(img, str(tmp))
