@@ -282,7 +282,9 @@ def _case_plan(n_cases: int, layout: str, seed: int) -> list[tuple[str, str, int
 def _storage(array: np.ndarray, affine: np.ndarray, orientation) -> tuple[np.ndarray, np.ndarray]:
     """Reorient a RAS array (spatial axes first) to `orientation` axis codes."""
     img = nib.Nifti1Image(array, affine)
-    out = img.as_reoriented(nib.orientations.axcodes2ornt(orientation))
+    ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")),
+                                           nib.orientations.axcodes2ornt(orientation))
+    out = img.as_reoriented(ornt)
     return np.asarray(out.dataobj), out.affine
 
 
@@ -383,10 +385,10 @@ def save_preview(cases: list[tuple[str, SynthCase]], path: str | Path) -> None:
         for col, (sl, aspect) in enumerate(views):
             ax = axes[row, col]
             vmax = np.percentile(sl[sl > 0], 99.5) if np.any(sl > 0) else 1
-            ax.imshow(sl.T, cmap="gray", origin="lower", vmin=0, vmax=vmax, aspect=1 / aspect)
+            ax.imshow(sl.T, cmap="gray", origin="lower", vmin=0, vmax=vmax, aspect=aspect)
             if col == 4:
                 ax.imshow(lab[:, :, cz].T, cmap=lab_cmap, origin="lower", vmin=0, vmax=3,
-                          interpolation="nearest", aspect=1 / aspect)
+                          interpolation="nearest", aspect=aspect)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny synthetic datasets, made once per session and copied
+before a test breaks them."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from medseg.data.synth import synthesize
+
+TINY = (40, 40, 28)
+
+
+@pytest.fixture(scope="session")
+def _pristine(tmp_path_factory):
+    made: dict[tuple, Path] = {}
+
+    def get(layout: str, cases: int = 6, test_cases: int = 0, seed: int = 0) -> Path:
+        key = (layout, cases, test_cases, seed)
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"{layout}_{cases}_{test_cases}_{seed}") / "data"
+            synthesize(root, cases, layout, seed, TINY, test_cases=test_cases)
+            made[key] = root
+        return made[key]
+    return get
+
+
+@pytest.fixture
+def dataset(_pristine, tmp_path):
+    """`dataset(layout, cases=6, test_cases=0)` → a fresh copy of a tiny synthetic dataset."""
+    def make(layout: str, cases: int = 6, test_cases: int = 0, seed: int = 0) -> Path:
+        dst = tmp_path / f"{layout}_{cases}_{test_cases}_{seed}"
+        if not dst.exists():
+            shutil.copytree(_pristine(layout, cases, test_cases, seed), dst)
+        return dst
+    return make
+
+
+def tree_fingerprint(root: Path) -> dict[str, str]:
+    """Relative path → sha256 of every file under `root` (to prove nothing changed)."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

@@ -1,0 +1,60 @@
+"""medseg's modules import only from lower layers (DESIGN.md §2), so data flows one way."""
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "medseg"
+
+# module (dotted, relative to medseg) → layer; a package prefix covers its modules.
+LAYERS = {
+    "__init__": 0, "labels": 0, "config": 0, "errors": 0,
+    "data": 1, "transforms": 1, "models": 1, "losses": 1, "metrics": 1,
+    "infer": 2,
+    "train": 3, "export": 3, "report": 3,
+    "cv": 4, "bundle": 4, "demo": 4,
+    "cli": 5, "__main__": 6,
+}
+
+
+def _layer(mod: str) -> int:
+    parts = mod.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in LAYERS:
+            return LAYERS[".".join(parts[:i])]
+    raise AssertionError(f"module medseg.{mod} has no layer in tests/test_layers.py")
+
+
+def _imports(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for n in names:
+            if n == "medseg" and isinstance(node, ast.ImportFrom):
+                yield from (a.name for a in node.names)
+            elif n.startswith("medseg."):
+                yield n[len("medseg."):]
+
+
+def test_imports_point_down():
+    bad = []
+    for path in PKG.rglob("*.py"):
+        mod = path.relative_to(PKG).with_suffix("").as_posix().replace("/", ".")
+        mod = mod.removesuffix(".__init__") if mod != "__init__" else mod
+        here = _layer(mod)
+        for dep in _imports(path):
+            if dep == "__version__":
+                continue
+            same_package = dep.split(".")[0] == mod.split(".")[0]
+            if _layer(dep) > here or (_layer(dep) == here and not same_package and here > 0):
+                bad.append(f"medseg.{mod} (L{here}) imports medseg.{dep} (L{_layer(dep)})")
+    assert not bad, "\n".join(bad)
+
+
+def test_nothing_imports_cli():
+    for path in PKG.rglob("*.py"):
+        if path.name not in ("cli.py", "__main__.py"):
+            assert "medseg.cli" not in path.read_text(), path
