@@ -7,6 +7,7 @@ The demo dataset is fixed (`DEMO`), so its split is committed under
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
 from medseg.data.discover import discover, resolve_convention
@@ -42,8 +43,10 @@ def run_demo(out: str | Path, datalist: str | Path, print_fn=print) -> int:
     print_fn(f"[1/3] synthetic data: {root} ({DEMO['cases']} cases, {DEMO['layout']} layout, "
              f"grid {DEMO['shape']}; preview {root.parent / (root.name + '_preview.png')})")
     rep = check_dataset(root)
-    print_fn(f"[2/3] check: {len(rep.errors)} errors, {len(rep.warnings)} warnings "
-             f"(non-RAS or thick-slice cases, handled by medseg)")
+    kinds = Counter(f.kind for f in rep.warnings)
+    detail = "; ".join(f"{n} cases: {kind}" for kind, n in kinds.items())
+    print_fn(f"[2/3] check: {len(rep.errors)} errors, {len(rep.warnings)} warnings"
+             + (f" ({detail}; medseg resamples and reorients)" if detail else ""))
     if not rep.ok:
         for f in rep.errors:
             print_fn(str(f))
