@@ -137,7 +137,26 @@ def test_msd_missing_label_file(dataset, capsys):
     spec = json.loads((root / "dataset.json").read_text())
     (root / spec["training"][1]["label"]).unlink()
     assert main(["data", "check", "--root", str(root)]) == 1
-    assert "label file listed in dataset.json is missing" in capsys.readouterr().out
+    assert "label file of case BRATS_002 listed in dataset.json is missing" in capsys.readouterr().out
+
+
+def test_msd_missing_image_file(dataset, capsys):
+    root = dataset("msd", cases=4)
+    spec = json.loads((root / "dataset.json").read_text())
+    (root / spec["training"][0]["image"]).unlink()
+    assert main(["data", "check", "--root", str(root)]) == 1
+    assert "image file of case BRATS_001 listed in dataset.json is missing" in capsys.readouterr().out
+
+
+def test_one_bad_label_in_brats2024_data_flags_only_that_file(dataset, capsys):
+    root = dataset("brats2023", cases=5)
+    cases = discover(root).training
+    _rewrite(cases[0].label, lambda d, a: (np.where(d == 2, 4, d).astype(d.dtype), a))  # RC: fine
+    _rewrite(cases[1].label, lambda d, a: (np.where(d == 2, 7, d).astype(d.dtype), a))  # 7: bad
+    assert main(["data", "check", "--root", str(root)]) == 1
+    errors = [x for x in capsys.readouterr().out.splitlines() if x.startswith("ERROR")]
+    assert len(errors) == 1 and cases[1].case_id in errors[0] and "[7]" in errors[0]
+    assert "'brats2024'" in errors[0]
 
 
 def test_every_problem_of_every_case_is_reported(dataset, capsys):

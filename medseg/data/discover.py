@@ -41,6 +41,7 @@ __all__ = [
     "scan_labels",
     "detect_convention",
     "resolve_convention",
+    "likely_convention",
 ]
 
 
@@ -256,6 +257,13 @@ def scan_labels(cases: list[Case], convention: str | LabelConvention | None = No
         return list(pool.map(lambda c: _scan_one(c, conv), todo))
 
 
+def likely_convention(layout: Layout, found: set[float]) -> str:
+    """BraTS 2023 names with both 3 and 4 are BraTS 2024 GLI post-treatment data."""
+    if layout.convention == "brats2023" and 4 in found and 3 in found:
+        return "brats2024"
+    return layout.convention
+
+
 def detect_convention(dataset: Dataset, scans: list[LabelScan]) -> LabelConvention:
     """The layout's label convention, checked against the values actually found.
 
@@ -264,13 +272,10 @@ def detect_convention(dataset: Dataset, scans: list[LabelScan]) -> LabelConventi
     label 4 without any 3 looks like BraTS 2021 labels under new names, and
     reading it as RC would silently empty ET, so that is an error.
     """
-    found = set()
+    found: set[float] = set()
     for s in scans:
         found.update(s.values)
-    name = dataset.layout.convention
-    if name == "brats2023" and 4 in found and 3 in found:
-        name = "brats2024"
-    conv = get_convention(name)
+    conv = get_convention(likely_convention(dataset.layout, found))
     bad = found - conv.allowed
     if bad:
         where = [s.case_id for s in scans if set(s.values) & bad][:5]

@@ -19,7 +19,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medseg.data.discover import Case, Dataset, LabelScan, detect_convention, discover
+from medseg.data.discover import Case, Dataset, LabelScan, detect_convention, discover, \
+    likely_convention
 from medseg.data.io import load_array, load_header
 from medseg.errors import DataError, LabelError
 from medseg.labels import LabelConvention, get_convention, validate_labels
@@ -88,9 +89,9 @@ def check_case(case: Case, dataset: Dataset, convention: LabelConvention | None,
         out.append(Finding("warning", case.case_id, Path(path), msg, kind))
 
     for name in case.missing:
-        if name == "label":
-            err(case.folder, "label file listed in dataset.json is missing; restore it or remove "
-                             "the entry")
+        if name in ("label", "image"):
+            err(case.folder, f"{name} file of case {case.case_id} listed in dataset.json is "
+                             "missing; restore it or remove the entry")
         else:
             key = dataset.layout.keys.get(name, name)
             err(case.folder, f"missing modality {name} (expected a file named "
@@ -210,8 +211,9 @@ def check_dataset(root: str | Path, convention: str | None = None, jobs: int | N
         try:
             conv = detect_convention(dataset, scans)
         except LabelError:
-            # Name each offending file against the layout's own convention.
-            conv = get_convention(dataset.layout.convention)
+            # Name each offending file against the most likely convention.
+            found = {v for s in scans for v in s.values}
+            conv = get_convention(likely_convention(dataset.layout, found))
             for case, (_, scan) in zip(dataset.cases, results):
                 if scan is None:
                     continue
