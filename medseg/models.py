@@ -1,0 +1,88 @@
+"""Network registry: name → builder of a 3D network with 4 input channels
+(CHANNELS order) and 3 region logits (TC, WT, ET).
+
+`unet3d` (the default) is MONAI's DynUNet configured like nnU-Net's 3D
+full-resolution U-Net: 3×3×3 convolutions, strided-convolution downsampling,
+instance norm, leaky ReLU, deep supervision heads in training. Its width is a
+preset: ``full`` (32…320 filters, nnU-Net's size, the GPU recipe) or ``cpu``
+(16…128, trains in minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from monai.networks.nets import AttentionUnet, DynUNet, SegResNet, SwinUNETR
+from torch import nn
+
+from medseg.errors import MedsegError
+from medseg.labels import CHANNELS, REGIONS
+
+__all__ = ["UNET3D_FILTERS", "MODELS", "build_model", "size_divisor"]
+
+#: Filters per resolution level of `unet3d`, per preset (levels - 1 = downsamplings).
+UNET3D_FILTERS: dict[str, tuple[int, ...]] = {
+    "full": (32, 64, 128, 256, 320, 320),
+    "cpu": (16, 32, 64, 128, 128),
+}
+
+
+def _unet3d(preset: str = "full", filters: tuple[int, ...] | None = None,
+            deep_supervision: bool = True, deep_supr_num: int = 2) -> nn.Module:
+    if filters is None:
+        if preset not in UNET3D_FILTERS:
+            raise MedsegError(f"unknown unet3d preset {preset!r}; expected one of {', '.join(UNET3D_FILTERS)}")
+        filters = UNET3D_FILTERS[preset]
+    n = len(filters)
+    strides = [[1, 1, 1]] + [[2, 2, 2]] * (n - 1)
+    return DynUNet(
+        spatial_dims=3, in_channels=len(CHANNELS), out_channels=len(REGIONS),
+        kernel_size=[[3, 3, 3]] * n, strides=strides, upsample_kernel_size=strides[1:],
+        filters=list(filters), norm_name=("instance", {"affine": True}),
+        act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+        deep_supervision=deep_supervision, deep_supr_num=min(deep_supr_num, n - 2),
+    )
+
+
+def _segresnet(init_filters: int = 16) -> nn.Module:
+    return SegResNet(spatial_dims=3, init_filters=init_filters, in_channels=len(CHANNELS),
+                     out_channels=len(REGIONS), blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
+
+
+def _swinunetr(feature_size: int = 24) -> nn.Module:
+    return SwinUNETR(in_channels=len(CHANNELS), out_channels=len(REGIONS), feature_size=feature_size)
+
+
+def _attention_unet(channels: tuple[int, ...] = (16, 32, 64, 128, 256)) -> nn.Module:
+    return AttentionUnet(spatial_dims=3, in_channels=len(CHANNELS), out_channels=len(REGIONS),
+                         channels=list(channels), strides=[2] * (len(channels) - 1))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "unet3d": _unet3d,
+    "segresnet": _segresnet,
+    "swinunetr": _swinunetr,
+    "attention_unet": _attention_unet,
+}
+
+
+def build_model(name: str = "unet3d", **kwargs) -> nn.Module:
+    """Build a registered network; unknown names or arguments are a `MedsegError`."""
+    if name not in MODELS:
+        raise MedsegError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    try:
+        return MODELS[name](**kwargs)
+    except TypeError as exc:
+        raise MedsegError(f"model {name!r}: bad arguments {sorted(kwargs)} ({exc})") from None
+
+
+def size_divisor(name: str = "unet3d", **kwargs) -> int:
+    """Patch and ROI sizes must be multiples of this: 2^(number of downsamplings)."""
+    if name == "unet3d":
+        filters = kwargs.get("filters") or UNET3D_FILTERS[kwargs.get("preset", "full")]
+        return 2 ** (len(filters) - 1)
+    if name == "attention_unet":
+        return 2 ** (len(kwargs.get("channels", (16, 32, 64, 128, 256))) - 1)
+    if name == "segresnet":
+        return 8     # blocks_down (1, 2, 2, 4): 3 downsamplings
+    return 32        # swinunetr: patch embedding 2 × 4 patch merges
