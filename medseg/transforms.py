@@ -1,0 +1,109 @@
+"""MONAI dictionary transforms, defined once for training, validation and prediction.
+
+Keys: ``image`` (the datalist's file list or 4D file) and ``label``. After
+`preprocessing`: ``image`` is `(4, X, Y, Z)` float32 in CHANNELS order (T1,
+T1ce, T2, FLAIR), RAS, at the target spacing, cropped to the brain's non-zero
+box and z-scored per channel over brain voxels; ``label`` is `(3, X, Y, Z)`
+float32 multi-hot TC/WT/ET.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform,
+    NormalizeIntensityd, Orientationd, RandAdjustContrastd, RandCropByPosNegLabeld, RandFlipd,
+    RandGaussianNoised, RandRotated, RandScaleIntensityd, RandShiftIntensityd, RandZoomd, Spacingd,
+)
+
+from medseg.errors import MedsegError
+from medseg.labels import CHANNELS, labels_to_regions
+
+__all__ = ["IMAGE", "LABEL", "ReorderChannelsd", "LabelsToRegionsd", "preprocessing",
+           "train_augmentation"]
+
+IMAGE, LABEL = "image", "label"
+
+
+class ReorderChannelsd(MapTransform):
+    """Reorder channels from the datalist's order (e.g. MSD: FLAIR, T1, T1ce, T2)
+    to medseg's CHANNELS order."""
+
+    def __init__(self, keys: KeysCollection, channels: Sequence[str]):
+        super().__init__(keys)
+        if sorted(channels) != sorted(CHANNELS):
+            raise MedsegError(f"datalist channels {list(channels)} are not a permutation of {list(CHANNELS)}")
+        self.order = [list(channels).index(c) for c in CHANNELS]
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if d[key].shape[0] != len(self.order):
+                raise MedsegError(f"{key}: expected {len(self.order)} channels {list(CHANNELS)}, "
+                                  f"found shape {tuple(d[key].shape)}")
+            d[key] = d[key][self.order]
+        return d
+
+
+class LabelsToRegionsd(MapTransform):
+    """`(1, X, Y, Z)` label map in `convention` → `(3, X, Y, Z)` float multi-hot TC/WT/ET."""
+
+    def __init__(self, keys: KeysCollection, convention: str):
+        super().__init__(keys)
+        self.convention = convention
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lab = d[key]
+            arr = lab.detach().cpu().numpy() if isinstance(lab, torch.Tensor) else np.asarray(lab)
+            regions = labels_to_regions(np.rint(arr[0]), self.convention).astype(np.float32)
+            out = torch.as_tensor(regions)
+            if hasattr(lab, "copy_meta_from"):       # keep MetaTensor affine/meta
+                out = lab.__class__(out, meta=lab.meta)
+            d[key] = out
+        return d
+
+
+def preprocessing(channels: Sequence[str], convention: str, spacing=(1.0, 1.0, 1.0),
+                  with_label: bool = True) -> Compose:
+    """Load → channel-first → CHANNELS order → RAS → spacing → brain crop → z-score → regions."""
+    keys = [IMAGE, LABEL] if with_label else [IMAGE]
+    steps = [
+        LoadImaged(keys, image_only=True),
+        EnsureChannelFirstd(keys),
+        ReorderChannelsd(IMAGE, channels),
+        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(keys, pixdim=tuple(spacing), mode=("bilinear", "nearest")[: len(keys)]),
+        CropForegroundd(keys, source_key=IMAGE, select_fn=lambda x: x > 0, allow_smaller=True),
+        NormalizeIntensityd(IMAGE, nonzero=True, channel_wise=True),
+    ]
+    if with_label:
+        steps.append(LabelsToRegionsd(LABEL, convention))
+    steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=True))
+    return Compose(steps)
+
+
+def train_augmentation(patch: Sequence[int], pos: float = 2.0, neg: float = 1.0) -> Compose:
+    """Random patch (tumour over-sampled pos:neg), flips on all axes, rotation and
+    scaling, intensity scale/shift, gamma and noise."""
+    keys = [IMAGE, LABEL]
+    return Compose([
+        RandCropByPosNegLabeld(keys, label_key=LABEL, spatial_size=tuple(patch), pos=pos, neg=neg,
+                               num_samples=1, allow_smaller=True),
+        RandRotated(keys, range_x=0.26, range_y=0.26, range_z=0.26, prob=0.2,
+                    mode=("bilinear", "nearest"), padding_mode="zeros", keep_size=True),
+        RandZoomd(keys, min_zoom=0.85, max_zoom=1.15, prob=0.2, mode=("trilinear", "nearest"),
+                  keep_size=True),
+        RandFlipd(keys, prob=0.5, spatial_axis=0),
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandFlipd(keys, prob=0.5, spatial_axis=2),
+        RandScaleIntensityd(IMAGE, factors=0.1, prob=0.5),
+        RandShiftIntensityd(IMAGE, offsets=0.1, prob=0.5),
+        RandAdjustContrastd(IMAGE, gamma=(0.7, 1.5), prob=0.3),
+        RandGaussianNoised(IMAGE, std=0.05, prob=0.15),
+    ])
