@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform,
     NormalizeIntensityd, Orientationd, RandAdjustContrastd, RandCropByPosNegLabeld, RandFlipd,
@@ -63,9 +64,7 @@ class LabelsToRegionsd(MapTransform):
             arr = lab.detach().cpu().numpy() if isinstance(lab, torch.Tensor) else np.asarray(lab)
             regions = labels_to_regions(np.rint(arr[0]), self.convention).astype(np.float32)
             out = torch.as_tensor(regions)
-            if hasattr(lab, "copy_meta_from"):       # keep MetaTensor affine/meta
-                out = lab.__class__(out, meta=lab.meta)
-            d[key] = out
+            d[key] = MetaTensor(out, meta=lab.meta) if isinstance(lab, MetaTensor) else out
         return d
 
 

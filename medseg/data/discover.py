@@ -230,6 +230,12 @@ class LabelScan:
     def values(self) -> tuple[float, ...]:
         return tuple(self.counts)
 
+    @classmethod
+    def from_array(cls, case_id: str, seg: np.ndarray, zooms) -> "LabelScan":
+        values, counts = np.unique(seg, return_counts=True)
+        return cls(case_id, {float(v): int(n) for v, n in zip(values, counts)},
+                   float(np.prod(zooms[:3])) / 1000.0)
+
     def volume_ml(self, labels: tuple[int, ...]) -> float:
         """Volume of the voxels holding any of `labels`, e.g. WT = (1, 2, 4) in mL."""
         return sum(n for v, n in self.counts.items() if v in labels) * self.voxel_ml
@@ -237,12 +243,10 @@ class LabelScan:
 
 def _scan_one(case: Case, conv: LabelConvention | None) -> LabelScan:
     img = load_header(case.label)
-    seg = load_array(case.label, img, dtype=np.float32)
-    values, counts = np.unique(seg, return_counts=True)
+    scan = LabelScan.from_array(case.case_id, load_array(case.label, img), img.header.get_zooms())
     if conv is not None:
-        validate_labels(values, conv, source=str(case.label))
-    voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
-    return LabelScan(case.case_id, {float(v): int(n) for v, n in zip(values, counts)}, voxel_ml)
+        validate_labels(scan.values, conv, source=str(case.label))
+    return scan
 
 
 def scan_labels(cases: list[Case], convention: str | LabelConvention | None = None,

@@ -133,15 +133,12 @@ def check_case(case: Case, dataset: Dataset, convention: LabelConvention | None,
             err(path, _reason(exc, path))
             continue
         if is_label:
-            values, counts = np.unique(data, return_counts=True)
+            scan = LabelScan.from_array(case.case_id, data, img.header.get_zooms())
             if convention is not None:
                 try:
-                    validate_labels(values, convention, source=str(path))
+                    validate_labels(scan.values, convention, source=str(path))
                 except LabelError as exc:
                     err(path, _reason(exc, path))
-            zooms = img.header.get_zooms()[:3]
-            scan = LabelScan(case.case_id, {float(v): int(n) for v, n in zip(values, counts)},
-                             float(np.prod(zooms)) / 1000.0)
             continue
         finite = np.isfinite(data)
         if not finite.all():
