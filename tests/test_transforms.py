@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import torch
 from monai.data import load_decathlon_datalist
 
