@@ -108,6 +108,47 @@ def _cmd_demo(a) -> int:
     return run_demo(a.out, a.datalist, print_fn=print)
 
 
+def _config(a) -> dict:
+    from medseg.config import apply_overrides, load_config, resolve_config
+    if a.config:
+        return apply_overrides(load_config(a.config), a.set)
+    return resolve_config(a.preset, a.set)
+
+
+def _cmd_train(a) -> int:
+    from medseg.train import train_fold
+    cfg = _config(a)
+    s = train_fold(cfg, a.datalist, a.data_root, a.fold, a.out, resume=a.resume, device=a.device,
+                   cache_dir=a.cache_dir)
+    best = s["best_dice_mean"]
+    print(f"finished fold {a.fold}: {s['epochs']} epochs in {s['seconds'] / 60:.1f} min"
+          + (f"; best validation mean Dice {best:.3f}" if best >= 0 else "")
+          + f"; checkpoints in {Path(a.out) / 'checkpoints'}")
+    return 0
+
+
+def _cmd_cv(a) -> int:
+    from medseg.cv import format_summary, run_cv
+    cfg = _config(a)
+    out = a.out or f"runs/{Path(a.datalist).stem}_{cfg['preset']}"
+    devices = a.devices.split(",") if a.devices else None
+    summary = run_cv(cfg, a.datalist, a.data_root, out, a.folds, a.fold, devices, a.device)
+    print(format_summary(summary))
+    print(f"results in {out}: cv_summary.json, cv_metrics.csv, fold_*/predictions/")
+    return 0
+
+
+def _experiment_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--datalist", required=True, help="datalist JSON from `medseg data split`")
+    c.add_argument("--data-root", required=True, help="folder the datalist paths are relative to")
+    c.add_argument("--preset", choices=["full", "cpu"], default="full",
+                   help="full: nnU-Net-size GPU recipe; cpu: small model that trains in minutes")
+    c.add_argument("--config", help="a config.json written by an earlier run (instead of --preset)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=50 (repeatable)")
+    c.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medseg", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"medseg {__version__}")
@@ -150,6 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--out", required=True, help="datalist JSON, e.g. data_lists/NAME.json")
             c.add_argument("--name", default="", help="datalist name (default: file name)")
             c.add_argument("--overwrite", action="store_true", help="replace a different existing datalist")
+
+    t = sub.add_parser("train", help="train one fold (resumable; torchrun for several processes)")
+    _experiment_args(t)
+    t.add_argument("--fold", type=int, help="validation fold (default: train on all cases)")
+    t.add_argument("--out", required=True, help="run folder, e.g. runs/exp/fold_0")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    t.add_argument("--cache-dir", help="folder for data.cache=disk (default: OUT/cache)")
+    t.set_defaults(func=_cmd_train)
+
+    c = sub.add_parser("cv", help="K-fold cross-validation: train, predict held-out cases, evaluate")
+    _experiment_args(c)
+    c.add_argument("--folds", type=int, help="number of folds (must match the datalist)")
+    c.add_argument("--fold", type=int, action="append", help="run only this fold (repeatable)")
+    c.add_argument("--out", help="experiment folder (default: runs/<datalist>_<preset>)")
+    c.add_argument("--devices", help="comma-separated devices to train folds in parallel, "
+                   "e.g. cuda:0,cuda:1")
+    c.set_defaults(func=_cmd_cv)
 
     d = sub.add_parser("demo", help="synthetic data → check → 5-fold split, on the CPU")
     d.add_argument("--out", default="demo_data/brats2023", help="synthetic data folder")

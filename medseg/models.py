@@ -78,6 +78,8 @@ def build_model(name: str = "unet3d", **kwargs) -> nn.Module:
 
 def size_divisor(name: str = "unet3d", **kwargs) -> int:
     """Patch and ROI sizes must be multiples of this: 2^(number of downsamplings)."""
+    if name not in MODELS:
+        raise MedsegError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
     if name == "unet3d":
         filters = kwargs.get("filters") or UNET3D_FILTERS[kwargs.get("preset", "full")]
         return 2 ** (len(filters) - 1)

@@ -18,7 +18,7 @@ from monai.data import MetaTensor
 from monai.transforms import (
     Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform,
     NormalizeIntensityd, Orientationd, RandAdjustContrastd, RandCropByPosNegLabeld, RandFlipd,
-    RandGaussianNoised, RandRotated, RandScaleIntensityd, RandShiftIntensityd, RandZoomd, Spacingd,
+    RandGaussianNoised, RandRotated, RandScaleIntensityd, RandShiftIntensityd, RandZoomd, Spacingd, SpatialPadd,
 )
 
 from medseg.errors import MedsegError
@@ -89,9 +89,11 @@ def preprocessing(channels: Sequence[str], convention: str, spacing=(1.0, 1.0, 1
 
 def train_augmentation(patch: Sequence[int], pos: float = 2.0, neg: float = 1.0) -> Compose:
     """Random patch (tumour over-sampled pos:neg), flips on all axes, rotation and
-    scaling, intensity scale/shift, gamma and noise."""
+    scaling, intensity scale/shift, gamma and noise. A brain box smaller than the
+    patch is zero-padded first, so every patch of a batch has the same shape."""
     keys = [IMAGE, LABEL]
     return Compose([
+        SpatialPadd(keys, spatial_size=tuple(patch)),
         RandCropByPosNegLabeld(keys, label_key=LABEL, spatial_size=tuple(patch), pos=pos, neg=neg,
                                num_samples=1, allow_smaller=True),
         RandRotated(keys, range_x=0.26, range_y=0.26, range_z=0.26, prob=0.2,

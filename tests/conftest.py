@@ -43,3 +43,26 @@ def tree_fingerprint(root: Path) -> dict[str, str]:
     """Relative path → sha256 of every file under `root` (to prove nothing changed)."""
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+#: Overrides that make a training run take seconds on the 40×40×28 (6 mm) tiny data.
+TINY_TRAIN = [
+    "model.args.filters=[8,16,32]", "data.spacing=[6,6,6]", "data.num_workers=0",
+    "train.patch=[16,16,16]", "train.epochs=2", "train.iters_per_epoch=2", "train.batch_size=2",
+    "train.val_every=1", "train.warmup_epochs=0", "infer.sw_batch_size=4",
+]
+
+
+@pytest.fixture
+def split(dataset, tmp_path):
+    """`split(layout, cases=6, folds=2)` → (datalist path, data root) of a fresh tiny dataset."""
+    def make(layout: str = "brats2023", cases: int = 6, folds: int = 2, seed: int = 0):
+        from medseg.data.discover import discover, resolve_convention
+        from medseg.data.folds import build_datalist, write_datalist
+        root = dataset(layout, cases, seed=seed)
+        ds = discover(root)
+        conv, scans = resolve_convention(ds)
+        out = tmp_path / f"{layout}_{cases}_{folds}.json"
+        write_datalist(build_datalist(ds, conv, scans, folds, 0, out.stem), out)
+        return out, root
+    return make

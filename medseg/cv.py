@@ -1,0 +1,160 @@
+"""K-fold cross-validation: train each fold, predict its held-out cases on their
+input grids, evaluate, summarise.
+
+    runs/<exp>/config.json                 resolved experiment config
+    runs/<exp>/fold_<k>/...                `medseg train` outputs (checkpoints, logs)
+    runs/<exp>/fold_<k>/predictions/<case>.nii.gz   out-of-fold masks
+    runs/<exp>/fold_<k>/metrics.csv        per case × region
+    runs/<exp>/cv_metrics.csv              all folds
+    runs/<exp>/cv_summary.json             mean ± std (median) per region, per fold and overall
+
+Re-running continues: a fold with ``train_summary.json`` is not retrained, an
+interrupted one resumes from its last checkpoint, a fold with ``metrics.csv``
+is not re-predicted. Out-of-fold masks come from the *final* checkpoint, not the
+best-on-validation one: choosing a checkpoint on the held-out cases would bias
+their scores upwards (nnU-Net does the same).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from medseg.config import config_hash
+from medseg.data.folds import load_datalist
+from medseg.data.io import write_json
+from medseg.errors import MedsegError
+from medseg.evaluate import evaluate_case, metric_rows, read_rows, summarize, write_rows
+from medseg.infer import Predictor, predict_case
+from medseg.labels import REGIONS
+from medseg.train import CHECKPOINT_DIR, fold_data, train_fold
+
+__all__ = ["run_cv", "format_summary"]
+
+
+def _train_folds_parallel(folds: list[int], devices: Sequence[str], cfg_path: Path, datalist, data_root,
+                          out_dir: Path, print_fn) -> None:
+    """One `medseg train` process per fold, at most one per device at a time."""
+    pending = list(folds)
+    running: dict[str, tuple[int, subprocess.Popen]] = {}
+    while pending or running:
+        for dev in devices:
+            if dev not in running and pending:
+                k = pending.pop(0)
+                fold_dir = out_dir / f"fold_{k}"
+                cmd = [sys.executable, "-m", "medseg", "train", "--config", str(cfg_path),
+                       "--datalist", str(datalist), "--data-root", str(data_root), "--fold", str(k),
+                       "--out", str(fold_dir), "--device", dev]
+                if (fold_dir / CHECKPOINT_DIR / "last.pt").exists():
+                    cmd.append("--resume")
+                fold_dir.mkdir(parents=True, exist_ok=True)
+                log = open(fold_dir / "train.log", "a")
+                running[dev] = (k, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+                print_fn(f"fold {k}: training on {dev} (log {fold_dir / 'train.log'})")
+        time.sleep(0.5)
+        for dev, (k, proc) in list(running.items()):
+            if proc.poll() is not None:
+                del running[dev]
+                if proc.returncode != 0:
+                    raise MedsegError(f"fold {k} training failed on {dev} (exit {proc.returncode}); "
+                                      f"see {out_dir / f'fold_{k}' / 'train.log'}")
+
+
+def _predict_fold(k: int, datalist, data_root, out_dir: Path, device, print_fn) -> list[dict]:
+    fold_dir = out_dir / f"fold_{k}"
+    metrics_csv = fold_dir / "metrics.csv"
+    if metrics_csv.exists():
+        return read_rows(metrics_csv)
+    data = fold_data(datalist, data_root, k)
+    predictor = Predictor([fold_dir / CHECKPOINT_DIR / "final.pt"], device=device)
+    rows = []
+    for case in data.val:
+        target = fold_dir / "predictions" / f"{case['id']}.nii.gz"
+        if not target.exists():   # written atomically: an existing mask is complete
+            images = case["image"] if isinstance(case["image"], list) else [case["image"]]
+            predict_case(predictor, images, data.convention, target, data.channels)
+        rows += metric_rows(case["id"], evaluate_case(target, case["label"], data.convention), fold=k)
+    write_rows(rows, metrics_csv)
+    dice = {r: sum(x["dice"] for x in rows if x["region"] == r) / max(1, len(data.val)) for r in REGIONS}
+    print_fn(f"fold {k}: {len(data.val)} held-out cases predicted; Dice "
+             + "  ".join(f"{r} {dice[r]:.3f}" for r in REGIONS))
+    return rows
+
+
+def run_cv(cfg: dict, datalist: str | Path, data_root: str | Path, out_dir: str | Path,
+           n_folds: int | None = None, folds: Sequence[int] | None = None,
+           devices: Sequence[str] | None = None, device: str | None = None,
+           print_fn: Callable[[str], None] = print) -> dict:
+    """Run (or continue) the cross-validation; returns the summary written to
+    ``cv_summary.json``."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    dl = load_datalist(datalist)
+    k_total = dl["num_folds"]
+    if n_folds is not None and n_folds != k_total:
+        raise MedsegError(f"--folds {n_folds}: the datalist {datalist} was split into {k_total} "
+                          f"folds; use --folds {k_total} or write a {n_folds}-fold split with "
+                          f"`medseg data split --folds {n_folds}`")
+    todo = list(range(k_total)) if not folds else sorted(set(folds))
+    bad = [k for k in todo if not 0 <= k < k_total]
+    if bad:
+        raise MedsegError(f"--fold {bad[0]}: the datalist {datalist} has folds 0..{k_total - 1}")
+    cfg_path = out_dir / "config.json"
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if old != cfg:
+            raise MedsegError(f"{out_dir} holds a cross-validation with another configuration "
+                              f"({cfg_path}, hash {config_hash(old)} vs {config_hash(cfg)}); "
+                              "re-run with the same options or choose another --out")
+    write_json(cfg, cfg_path)
+
+    unfinished = [k for k in todo if not (out_dir / f"fold_{k}" / "train_summary.json").exists()]
+    for k in todo:
+        if k not in unfinished:
+            print_fn(f"fold {k}: already trained, skipping")
+    if devices and len(devices) > 1 and unfinished:
+        _train_folds_parallel(unfinished, devices, cfg_path, datalist, data_root, out_dir, print_fn)
+    else:
+        for k in unfinished:
+            fold_dir = out_dir / f"fold_{k}"
+            resume = (fold_dir / CHECKPOINT_DIR / "last.pt").exists()
+            train_fold(cfg, datalist, data_root, k, fold_dir, resume=resume,
+                       device=(devices[0] if devices else device), print_fn=print_fn)
+
+    rows = []
+    for k in todo:
+        rows += _predict_fold(k, datalist, data_root, out_dir, device, print_fn)
+    write_rows(rows, out_dir / "cv_metrics.csv")
+    summary = {
+        "datalist": str(datalist), "folds": todo, "num_folds": k_total,
+        "cases": len({r["case"] for r in rows}),
+        "checkpoint": "final (out-of-fold cases never choose the checkpoint)",
+        "metric_conventions": "BraTS: HD95 pools both directions; both empty → Dice 1, HD95 0; "
+                              "one empty → Dice 0, HD95 373.13 mm",
+        "overall": summarize(rows),
+        "per_fold": {str(k): summarize([r for r in rows if int(r["fold"]) == k]) for k in todo},
+        "seconds_this_run": time.perf_counter() - t0,
+    }
+    write_json(summary, out_dir / "cv_summary.json")
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The table printed at the end of `medseg cv`."""
+    lines = [f"{'':8}" + "".join(f"{r:>22}" for r in REGIONS)]
+
+    def line(name: str, block: dict, metric: str, fmt: str) -> str:
+        cells = [f"{block[r][metric]['mean']:{fmt}} ± {block[r][metric]['std']:{fmt}}"
+                 for r in REGIONS]
+        return f"{name:8}" + "".join(f"{c:>22}" for c in cells)
+
+    for k, block in summary["per_fold"].items():
+        lines.append(line(f"fold {k}", block, "dice", ".3f"))
+    lines.append(line("Dice", summary["overall"], "dice", ".3f"))
+    lines.append(line("HD95 mm", summary["overall"], "hd95", ".1f"))
+    lines.append(f"out-of-fold, {summary['cases']} cases, folds {summary['folds']}")
+    return "\n".join(lines)

@@ -1,0 +1,477 @@
+"""One fold's training: a short, explicit loop.
+
+    setup → data → model/loss/optimiser/schedule → [resume] →
+    for epoch: seed(epoch) → train_epoch → [validate] → checkpoint → log
+
+Reproducibility: every random stream is re-seeded from (seed, epoch) at the
+start of each epoch (case order, patch sampling and augmentation, torch), so a
+run resumed from the checkpoint of epoch e replays epochs e+1… exactly as an
+uninterrupted run would. The RNG states are stored in checkpoints as well.
+
+Distributed: under `torchrun`, each rank trains on its shard of the epoch's
+case sequence with DistributedDataParallel (gloo on CPU, NCCL on CUDA); rank 0
+validates, logs and writes checkpoints.
+
+Outputs in `out_dir`: ``config.json`` (resolved), ``env.json``,
+``checkpoints/{last,best,final}.pt``, ``log.csv``, ``tensorboard/`` (when the
+tensorboard package is installed), ``learning_curve.png`` (with matplotlib),
+``train_summary.json`` (written last: its presence means the fold finished).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.transforms import Compose
+from torch import nn
+
+from medseg import __version__
+from medseg.config import config_hash
+from medseg.data.folds import load_datalist
+from medseg.data.io import atomic_path, write_json
+from medseg.errors import MedsegError
+from medseg.infer import autocast, predict_probs
+from medseg.labels import CHANNELS, REGIONS
+from medseg.losses import build_loss
+from medseg.metrics import case_metrics
+from medseg.models import build_model, size_divisor
+from medseg.transforms import IMAGE, LABEL, preprocessing, train_augmentation
+
+__all__ = ["FoldData", "fold_data", "train_fold", "lr_factor", "CHECKPOINT_DIR"]
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class FoldData:
+    train: list[dict]        # {"id", "image", "label"} with absolute paths
+    val: list[dict]
+    channels: list[str]      # the files' channel order
+    convention: str          # label convention name
+    datalist: Path
+
+
+def _abs(entry: dict, root: Path) -> dict:
+    img = entry["image"]
+    image = [str(root / p) for p in img] if isinstance(img, list) else str(root / img)
+    out = {"id": entry["id"], IMAGE: image}
+    if "label" in entry:
+        out[LABEL] = str(root / entry["label"])
+    return out
+
+
+def fold_data(datalist: str | Path, data_root: str | Path, fold: int | None) -> FoldData:
+    """Training and validation cases of `fold` (validation = the cases with that fold
+    number). `fold=None` trains on every case and validates on none."""
+    dl = load_datalist(datalist)
+    root = Path(data_root)
+    if not root.is_dir():
+        raise MedsegError(f"data root {root} is not a folder; pass --data-root, the folder the "
+                          f"datalist {datalist} paths are relative to")
+    k = dl["num_folds"]
+    if fold is not None and not 0 <= fold < k:
+        raise MedsegError(f"fold {fold} does not exist in {datalist}: it has folds 0..{k - 1}")
+    entries = dl["training"]
+    first = entries[0]["image"] if entries else None
+    probe = root / (first[0] if isinstance(first, list) else first) if first else None
+    if probe is not None and not probe.exists():
+        raise MedsegError(f"{probe} not found: the datalist {datalist} paths are relative to the "
+                          f"data root; pass --data-root with the folder that holds {entries[0]['id']}")
+    train = [_abs(e, root) for e in entries if e["fold"] != fold]
+    val = [_abs(e, root) for e in entries if e["fold"] == fold]
+    return FoldData(train, val, list(dl["channels"]), dl["label_convention"]["name"], Path(datalist))
+
+
+def _epoch_indices(n: int, count: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
+    """This rank's case indices for one epoch: `count` per rank, drawn by walking
+    seeded permutations of the `n` cases (every case once before any repeats)."""
+    rng = np.random.default_rng([seed, epoch])
+    total = count * world
+    seq = np.concatenate([rng.permutation(n) for _ in range(math.ceil(total / n))])[:total]
+    return seq[rank::world].tolist()
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- schedule
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """LR multiplier at iteration `step`: linear warm-up over `warmup` steps, then
+    cosine to 0 or poly (1 - t)^0.9 (nnU-Net)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "poly":
+        return (1.0 - t) ** 0.9
+    raise MedsegError(f"unknown schedule {schedule!r}; expected 'cosine' or 'poly'")
+
+
+def _optimizer(params, tcfg: dict) -> torch.optim.Optimizer:
+    name = tcfg["optimizer"]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=tcfg["lr"], momentum=tcfg["momentum"], nesterov=True,
+                               weight_decay=tcfg["weight_decay"])
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+    raise MedsegError(f"unknown optimizer {name!r}; expected 'sgd' or 'adamw'")
+
+
+# ----------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device: torch.device) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cpu":
+        # 2 ranks on 2 cores: one thread each, not two threads fighting per core.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world))
+    return d
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": {"keys": torch.as_tensor(keys.astype(np.int64)),
+            "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def _save(obj: dict, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def _environment() -> dict:
+    import monai
+    return {"medseg": __version__, "torch": torch.__version__, "monai": monai.__version__,
+            "numpy": np.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "cuda": torch.version.cuda,
+            "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------- logging
+_CSV_FIELDS = (["epoch", "train_loss", "lr", "seconds"]
+               + [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}" for r in REGIONS] + ["dice_mean"])
+
+
+def _write_logs(history: list[dict], out_dir: Path) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    with atomic_path(out_dir / "log.csv") as tmp:
+        tmp.write_text(buf.getvalue())
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax[0].plot([h["epoch"] for h in history], [h["train_loss"] for h in history])
+    ax[0].set(xlabel="epoch", ylabel="training loss", title="loss")
+    val = [h for h in history if "dice_mean" in h]
+    for r in REGIONS:
+        ax[1].plot([h["epoch"] for h in val], [h[f"dice_{r}"] for h in val], marker="o", label=r)
+    ax[1].set(xlabel="epoch", ylabel="Dice", title="validation Dice", ylim=(0, 1))
+    ax[1].legend()
+    fig.tight_layout()
+    with atomic_path(out_dir / "learning_curve.png") as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+
+
+class _TensorBoard:
+    """TensorBoard scalars when the `tensorboard` package is installed; else nothing."""
+
+    def __init__(self, log_dir: Path, start_epoch: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.w = SummaryWriter(str(log_dir), purge_step=start_epoch + 1)
+        except ImportError:
+            self.w = None
+
+    def log(self, row: dict) -> None:
+        if self.w is None:
+            return
+        for k, v in row.items():
+            if k != "epoch" and isinstance(v, (int, float)):
+                self.w.add_scalar(k, v, row["epoch"])
+        self.w.flush()
+
+    def close(self) -> None:
+        if self.w is not None:
+            self.w.close()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- steps
+def _datasets(data: FoldData, cfg: dict, cache_dir: Path | None):
+    spacing = cfg["data"]["spacing"]
+    pre = preprocessing(data.channels, data.convention, spacing)
+    aug = train_augmentation(cfg["train"]["patch"], *cfg["train"]["pos_neg"])
+    train_tf = Compose([*pre.transforms, *aug.transforms])
+    workers = cfg["data"]["num_workers"]
+    if cfg["data"]["cache"] == "disk":
+        if cache_dir is None:
+            raise MedsegError("data.cache=disk needs a cache folder")
+        # Key the cache by everything that changes the preprocessed arrays.
+        key = config_hash({"spacing": spacing, "channels": data.channels,
+                           "convention": data.convention, "medseg": __version__})
+        train_ds = PersistentDataset(data.train, train_tf, cache_dir=cache_dir / key)
+        val_ds = PersistentDataset(data.val, pre, cache_dir=cache_dir / key)
+    elif cfg["data"]["cache"] == "memory":
+        train_ds = CacheDataset(data.train, train_tf, num_workers=max(1, workers), progress=False)
+        val_ds = CacheDataset(data.val, pre, num_workers=max(1, workers), progress=False) \
+            if data.val else Dataset([], pre)
+    else:
+        raise MedsegError(f"data.cache={cfg['data']['cache']!r}; expected 'memory' or 'disk'")
+    return train_ds, val_ds
+
+
+def _check_patch(cfg: dict) -> None:
+    div = size_divisor(cfg["model"]["name"], **cfg["model"]["args"])
+    patch = cfg["train"]["patch"]
+    if len(patch) != 3 or any(int(p) % div for p in patch):
+        raise MedsegError(f"train.patch {patch}: each size must be a multiple of {div} for "
+                          f"{cfg['model']['name']} {cfg['model']['args']} (2^downsamplings); "
+                          f"e.g. train.patch=[{div * 4},{div * 4},{div * 4}]")
+
+
+def _train_epoch(model, loader, loss_fn, opt, sched, cfg, device, deep_sup, bar) -> float:
+    model.train()
+    tcfg = cfg["train"]
+    total, n = 0.0, 0
+    for batch in loader:
+        x = torch.as_tensor(batch[IMAGE]).to(device)
+        y = torch.as_tensor(batch[LABEL]).to(device)
+        if tcfg["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        with autocast(device, tcfg["amp"]):
+            out = model(x)
+        # DynUNet in training mode: (B, 1 + heads, 3, ...) → list, full resolution first.
+        preds = [o.float() for o in torch.unbind(out, 1)] if deep_sup else out.float()
+        loss = loss_fn(preds, y)
+        if not torch.isfinite(loss):
+            raise MedsegError(f"training loss became {loss.item()} at lr {sched.get_last_lr()[0]:.3g}; "
+                              "lower train.lr or set train.amp=false")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tcfg["grad_clip"]:
+            nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
+        opt.step()
+        sched.step()
+        total += loss.item()
+        n += 1
+        if bar is not None:
+            bar.set_postfix(loss=f"{total / n:.3f}")
+            bar.update(1)
+    return total / max(1, n)
+
+
+def validate(model: nn.Module, val_ds, cfg: dict, device: torch.device) -> dict[str, float]:
+    """Full-volume sliding-window inference (the prediction code) on preprocessed
+    validation cases; mean Dice and HD95 per region at the training spacing."""
+    inf, n_max = cfg["infer"], cfg["train"]["val_max_cases"]
+    rows = []
+    for i in range(len(val_ds) if not n_max else min(n_max, len(val_ds))):
+        item = val_ds[i]
+        probs = predict_probs([model], item[IMAGE], cfg["train"]["patch"], inf["overlap"],
+                              inf["sw_batch_size"], cfg["train"]["amp"], device=device)
+        ref = np.asarray(item[LABEL]) > 0.5
+        rows.append(case_metrics(probs.numpy() > inf["threshold"], ref, cfg["data"]["spacing"]))
+    out = {}
+    for r in REGIONS:
+        out[f"dice_{r}"] = float(np.mean([row[r]["dice"] for row in rows]))
+        out[f"hd95_{r}"] = float(np.mean([row[r]["hd95"] for row in rows]))
+    out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in REGIONS]))
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int | None,
+               out_dir: str | Path, resume: bool = False, device: str | None = None,
+               print_fn: Callable[[str], None] = print, cache_dir: str | Path | None = None) -> dict:
+    """Train one fold; returns the summary also written to ``train_summary.json``."""
+    out_dir = Path(out_dir)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dd = _setup_distributed(dev)
+    if dev.type == "cuda" and dd.world > 1:
+        dev = torch.device("cuda", dd.local_rank)
+        torch.cuda.set_device(dev)
+    log = print_fn if dd.main else (lambda s: None)
+    tcfg = cfg["train"]
+    _check_patch(cfg)
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    last = ckpt_dir / "last.pt"
+    if last.exists() and not resume:
+        raise MedsegError(f"{out_dir} already holds a training run ({last}); pass --resume to "
+                          "continue it, or choose another --out")
+    if resume and not last.exists():
+        raise MedsegError(f"--resume: no checkpoint {last} to resume from; run without --resume")
+
+    data = fold_data(datalist, data_root, fold)
+    if not data.train:
+        raise MedsegError(f"fold {fold}: no training cases in {datalist}")
+    seed = int(cfg["seed"])
+    _seed_all(seed)
+    train_ds, val_ds = _datasets(data, cfg, Path(cache_dir) if cache_dir else out_dir / "cache")
+
+    net = cfg["model"]
+    deep_sup = net["name"] == "unet3d" and tcfg["deep_supervision"]
+    args = dict(net["args"], **({"deep_supervision": deep_sup} if net["name"] == "unet3d" else {}))
+    _seed_all(seed)
+    model = build_model(net["name"], **args).to(dev)
+    if tcfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last_3d)
+    train_model = model
+    if dd.world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    loss_fn = build_loss(deep_supervision=deep_sup)
+    opt = _optimizer(model.parameters(), tcfg)
+    total_steps = tcfg["epochs"] * tcfg["iters_per_epoch"]
+    warmup = tcfg["warmup_epochs"] * tcfg["iters_per_epoch"]
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total_steps, warmup, tcfg["schedule"]))
+
+    meta = {
+        "network": {"name": net["name"], "args": dict(net["args"])},
+        "channels": list(CHANNELS), "regions": list(REGIONS), "label_convention": data.convention,
+        "spacing": list(cfg["data"]["spacing"]), "roi": list(tcfg["patch"]),
+        "normalization": "z-score per channel over non-zero (brain) voxels, after RAS + "
+                         "resampling to spacing + crop to the non-zero box",
+        "infer": dict(cfg["infer"], amp=tcfg["amp"]),
+        "medseg_version": __version__, "fold": fold, "datalist": str(data.datalist),
+    }
+    start, history, best = 0, [], -1.0
+    if resume:
+        ck = torch.load(last, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        _set_rng_state(ck["rng"])
+        start, history, best = ck["epoch"], ck["history"], ck["best"]
+        if ck["config"] != cfg:
+            raise MedsegError(f"{last}: the run was started with another configuration; resume "
+                              "with the same options (see config.json there) or start a new --out")
+        log(f"resumed {out_dir} at epoch {start}/{tcfg['epochs']}")
+    if dd.main:
+        write_json(cfg, out_dir / "config.json")
+        write_json(_environment(), out_dir / "env.json")
+    tb = _TensorBoard(out_dir / "tensorboard", start) if dd.main else None
+    log(f"fold {fold}: {len(data.train)} training, {len(data.val)} validation cases; "
+        f"{net['name']} {net['args']}, patch {tcfg['patch']}, batch {tcfg['batch_size']}"
+        f"{f' x {dd.world} ranks' if dd.world > 1 else ''}, {tcfg['epochs']} epochs x "
+        f"{tcfg['iters_per_epoch']} iterations, {dev.type}{' bf16' if tcfg['amp'] else ''}")
+
+    t_start = time.perf_counter()
+    for epoch in range(start, tcfg["epochs"]):
+        t0 = time.perf_counter()
+        es = seed * 100_003 + epoch
+        _seed_all(es)
+        idx = _epoch_indices(len(train_ds), tcfg["iters_per_epoch"] * tcfg["batch_size"],
+                             seed, epoch, dd.rank, dd.world)
+        workers = cfg["data"]["num_workers"]
+        if workers == 0:
+            train_ds.transform.set_random_state(seed=es % 2**32)
+        loader = DataLoader(train_ds, batch_size=tcfg["batch_size"], sampler=idx,
+                            num_workers=workers, generator=torch.Generator().manual_seed(es),
+                            persistent_workers=False)
+        bar = _progress(len(loader), f"epoch {epoch + 1}/{tcfg['epochs']}", dd.main)
+        loss = _train_epoch(train_model, loader, loss_fn, opt, sched, cfg, dev, deep_sup, bar)
+        if bar is not None:
+            bar.close()
+        if dd.world > 1:
+            t = torch.tensor([loss], device=dev)
+            dist.all_reduce(t)
+            loss = t.item() / dd.world
+        row = {"epoch": epoch + 1, "train_loss": loss, "lr": sched.get_last_lr()[0]}
+        is_val = len(val_ds) and ((epoch + 1) % tcfg["val_every"] == 0 or epoch + 1 == tcfg["epochs"])
+        if is_val and dd.main:
+            row.update(validate(model, val_ds, cfg, dev))
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        if dd.main:
+            improved = "dice_mean" in row and row["dice_mean"] > best
+            best = row["dice_mean"] if improved else best
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history,
+                     "best": best, "rng": _rng_state(), "config": cfg, "meta": meta}
+            if improved:
+                _save(state, ckpt_dir / "best.pt")
+            _save(state, last)
+            _write_logs(history, out_dir)
+            tb.log(row)
+            done = epoch + 1
+            eta = (time.perf_counter() - t_start) / (done - start) * (tcfg["epochs"] - done)
+            vals = "  ".join(f"{r} {row[f'dice_{r}']:.3f}" for r in REGIONS) if "dice_mean" in row else ""
+            log(f"epoch {done:>3}/{tcfg['epochs']}  loss {loss:.4f}  lr {row['lr']:.2e}  "
+                f"{row['seconds']:.1f} s  ETA {eta / 60:.1f} min  {vals}".rstrip())
+        if dd.world > 1:
+            dist.barrier()
+
+    summary = {"fold": fold, "epochs": tcfg["epochs"], "best_dice_mean": best,
+               "final": history[-1] if history else {}, "seconds": time.perf_counter() - t_start,
+               "train_cases": len(data.train), "val_cases": len(data.val), "world_size": dd.world}
+    if dd.main:
+        final = torch.load(last, map_location="cpu", weights_only=True)
+        _save({"model": final["model"], "meta": meta, "config": cfg, "epoch": final["epoch"]},
+              ckpt_dir / "final.pt")
+        write_json(summary, out_dir / "train_summary.json")
+        if tb is not None:
+            tb.close()
+    if dd.world > 1:
+        dist.barrier()
+    return summary

@@ -1,0 +1,109 @@
+"""Cross-validation on tiny data: outputs, masks on the input grids, continuation,
+fold subsets, parallel fold training, and option errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.cli import main
+from medseg.config import resolve_config
+from medseg.cv import format_summary, run_cv
+from medseg.data.folds import load_datalist
+from medseg.errors import MedsegError
+
+from conftest import TINY_TRAIN
+
+
+def cfg():
+    return resolve_config("cpu", TINY_TRAIN)
+
+
+def quiet(s):
+    pass
+
+
+def test_cv_writes_oof_masks_on_input_grids_and_summary(split, tmp_path):
+    dl, root = split("brats2023", cases=6, folds=2)
+    out = tmp_path / "exp"
+    summary = run_cv(cfg(), dl, root, out, n_folds=2, print_fn=quiet)
+    entries = load_datalist(dl)["training"]
+    assert summary["cases"] == len(entries) == 6
+    with open(out / "cv_metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 * 3 and {r["region"] for r in rows} == {"TC", "WT", "ET"}
+    saved = json.loads((out / "cv_summary.json").read_text())
+    assert set(saved["overall"]) == {"TC", "WT", "ET"} and set(saved["per_fold"]) == {"0", "1"}
+    for r in ("TC", "WT", "ET"):
+        dices = [float(x["dice"]) for x in rows if x["region"] == r]
+        assert saved["overall"][r]["dice"]["mean"] == pytest.approx(np.mean(dices), abs=1e-5)
+    orientations = set()
+    for e in entries:
+        mask = out / f"fold_{e['fold']}" / "predictions" / f"{e['id']}.nii.gz"
+        ref = nib.load(root / e["label"])
+        got = nib.load(mask)
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got.affine, ref.affine, atol=1e-5)
+        assert got.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(got.dataobj))) <= {0, 1, 2, 3}
+        orientations.add(nib.aff2axcodes(ref.affine))
+    assert len(orientations) > 1, "the tiny dataset should mix orientations"
+    assert "Dice" in format_summary(summary) and "HD95" in format_summary(summary)
+
+
+def test_cv_rerun_skips_finished_folds(split, tmp_path):
+    dl, root = split("brats2023", cases=6, folds=2)
+    out = tmp_path / "exp"
+    first = run_cv(cfg(), dl, root, out, print_fn=quiet)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
+    lines: list[str] = []
+    second = run_cv(cfg(), dl, root, out, print_fn=lines.append)
+    assert sum("already trained" in s for s in lines) == 2
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == stamps
+    assert first["overall"] == second["overall"]
+    # An unfinished fold (no summary, no metrics) is resumed and completed.
+    (out / "fold_1" / "train_summary.json").unlink()
+    (out / "fold_1" / "metrics.csv").unlink()
+    third = run_cv(cfg(), dl, root, out, print_fn=quiet)
+    assert third["overall"] == first["overall"]
+
+
+def test_cv_fold_subset_msd_layout(split, tmp_path):
+    dl, root = split("msd", cases=6, folds=2)
+    out = tmp_path / "exp"
+    summary = run_cv(cfg(), dl, root, out, folds=[1], print_fn=quiet)
+    assert summary["folds"] == [1]
+    assert not (out / "fold_0").exists()
+    n1 = sum(e["fold"] == 1 for e in load_datalist(dl)["training"])
+    assert summary["cases"] == n1
+    e = next(e for e in load_datalist(dl)["training"] if e["fold"] == 1)
+    mask = nib.load(out / "fold_1" / "predictions" / f"{e['id']}.nii.gz")
+    assert mask.shape == nib.load(root / e["image"]).shape[:3]
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2, 3}
+
+
+def test_cv_parallel_devices(split, tmp_path):
+    dl, root = split("brats2023", cases=6, folds=2)
+    out = tmp_path / "exp"
+    summary = run_cv(cfg(), dl, root, out, devices=["cpu", "cpu"], print_fn=quiet)
+    assert summary["cases"] == 6
+    assert (out / "fold_0" / "train.log").is_file() and (out / "fold_1" / "train.log").is_file()
+
+
+def test_cv_option_errors(split, tmp_path, capsys):
+    dl, root = split("brats2023", cases=6, folds=2)
+    with pytest.raises(MedsegError, match="split into 2 folds"):
+        run_cv(cfg(), dl, root, tmp_path / "a", n_folds=5)
+    with pytest.raises(MedsegError, match="folds 0..1"):
+        run_cv(cfg(), dl, root, tmp_path / "b", folds=[3])
+    out = tmp_path / "c"
+    args = ["cv", "--datalist", str(dl), "--data-root", str(root), "--out", str(out),
+            "--preset", "cpu", *[f"--set={s}" for s in TINY_TRAIN]]
+    assert main([*args, "--fold", "0"]) == 0
+    assert "out-of-fold" in capsys.readouterr().out
+    assert main([*args, "--fold", "0", "--set", "train.lr=0.5"]) == 2
+    assert "another configuration" in capsys.readouterr().err
