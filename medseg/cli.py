@@ -105,7 +105,12 @@ def _cmd_split(a) -> int:
 
 def _cmd_demo(a) -> int:
     from medseg.demo import run_demo
-    return run_demo(a.out, a.datalist, print_fn=print)
+    return run_demo(a.out, a.datalist, None if a.no_cv else a.run, a.set, print_fn=_say)
+
+
+def _say(text: str) -> None:
+    """Print and flush: progress of long runs must reach a log file as it happens."""
+    print(text, flush=True)
 
 
 def _config(a) -> dict:
@@ -119,7 +124,7 @@ def _cmd_train(a) -> int:
     from medseg.train import train_fold
     cfg = _config(a)
     s = train_fold(cfg, a.datalist, a.data_root, a.fold, a.out, resume=a.resume, device=a.device,
-                   cache_dir=a.cache_dir)
+                   cache_dir=a.cache_dir, print_fn=_say)
     best = s["best_dice_mean"]
     print(f"finished fold {a.fold}: {s['epochs']} epochs in {s['seconds'] / 60:.1f} min"
           + (f"; best validation mean Dice {best:.3f}" if best >= 0 else "")
@@ -132,7 +137,8 @@ def _cmd_cv(a) -> int:
     cfg = _config(a)
     out = a.out or f"runs/{Path(a.datalist).stem}_{cfg['preset']}"
     devices = a.devices.split(",") if a.devices else None
-    summary = run_cv(cfg, a.datalist, a.data_root, out, a.folds, a.fold, devices, a.device)
+    summary = run_cv(cfg, a.datalist, a.data_root, out, a.folds, a.fold, devices, a.device,
+                     print_fn=_say)
     print(format_summary(summary))
     print(f"results in {out}: cv_summary.json, cv_metrics.csv, fold_*/predictions/")
     return 0
@@ -209,9 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. cuda:0,cuda:1")
     c.set_defaults(func=_cmd_cv)
 
-    d = sub.add_parser("demo", help="synthetic data → check → 5-fold split, on the CPU")
+    d = sub.add_parser("demo", help="synthetic data → check → split → 5-fold CV (cpu preset)")
     d.add_argument("--out", default="demo_data/brats2023", help="synthetic data folder")
     d.add_argument("--datalist", default="data_lists/demo_brats2023.json")
+    d.add_argument("--run", default="runs/demo_cpu", help="cross-validation folder")
+    d.add_argument("--no-cv", action="store_true", help="stop after the split")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a cpu-preset value, e.g. --set train.epochs=10")
     d.set_defaults(func=_cmd_demo)
     return p
 

@@ -33,11 +33,16 @@ from medseg.transforms import IMAGE, preprocessing
 __all__ = ["autocast", "predict_probs", "load_model", "Predictor", "predict_case", "write_mask"]
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CPU (about 2× faster here) and on CUDA; a no-op when disabled."""
+def autocast(device: torch.device, enabled: bool, dtype: str = "bfloat16"):
+    """Mixed precision: bf16 on CPU (about 2× faster here) and CUDA, or fp16 on CUDA;
+    a no-op when disabled."""
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if dtype not in ("bfloat16", "float16"):
+        raise MedsegError(f"amp dtype {dtype!r}; expected 'bfloat16' or 'float16'")
+    if dtype == "float16" and device.type != "cuda":
+        raise MedsegError("train.amp_dtype=float16 needs CUDA; on the CPU use bfloat16")
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
 
 
 def _flips(mirror: bool) -> list[tuple[int, ...]]:
@@ -49,7 +54,8 @@ def _flips(mirror: bool) -> list[tuple[int, ...]]:
 @torch.no_grad()
 def predict_probs(models: Sequence[nn.Module], image: torch.Tensor, roi: Sequence[int],
                   overlap: float = 0.5, sw_batch_size: int = 1, amp: bool = True,
-                  mirror: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
+                  mirror: bool = False, device: torch.device | str = "cpu",
+                  amp_dtype: str = "bfloat16") -> torch.Tensor:
     """`image` `(4, X, Y, Z)` preprocessed → `(3, X, Y, Z)` float32 sigmoid probabilities
     for TC/WT/ET, averaged over `models` and (with `mirror`) the 8 axis flips."""
     device = torch.device(device)
@@ -62,7 +68,7 @@ def predict_probs(models: Sequence[nn.Module], image: torch.Tensor, roi: Sequenc
         model.eval()
         for axes in _flips(mirror):
             xi = torch.flip(x, axes) if axes else x
-            with autocast(device, amp):
+            with autocast(device, amp, amp_dtype):
                 logits = inferer(xi, model)
             p = torch.sigmoid(torch.as_tensor(logits).float())
             acc += torch.flip(p, axes) if axes else p
@@ -115,6 +121,8 @@ class Predictor:
         self.overlap = inf["overlap"] if overlap is None else overlap
         self.sw_batch_size = inf["sw_batch_size"] if sw_batch_size is None else sw_batch_size
         self.amp = inf.get("amp", True) if amp is None else amp
+        # fp16 weights trained on CUDA still predict on a CPU: use bf16 there.
+        self.amp_dtype = inf.get("amp_dtype", "bfloat16") if self.device.type == "cuda" else "bfloat16"
         self.threshold = inf["threshold"]
         self.mirror = mirror
         self._pre: dict[tuple[str, ...], object] = {}
@@ -143,7 +151,7 @@ class Predictor:
                               f"({str(exc).splitlines()[-1]}); run `medseg data check` on this folder") from None
         img = data[IMAGE]
         probs = predict_probs(self.models, img, self.meta["roi"], self.overlap, self.sw_batch_size,
-                              self.amp, self.mirror, self.device)
+                              self.amp, self.mirror, self.device, self.amp_dtype)
         pm = MetaTensor(probs, meta=img.meta, applied_operations=img.applied_operations)
         inverted = Invertd(keys="pred", transform=pre, orig_keys=IMAGE,
                            nearest_interp=False, to_tensor=True)({"pred": pm, IMAGE: img})["pred"]

@@ -198,7 +198,7 @@ _CSV_FIELDS = (["epoch", "train_loss", "lr", "seconds"]
                + [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}" for r in REGIONS] + ["dice_mean"])
 
 
-def _write_logs(history: list[dict], out_dir: Path) -> None:
+def _write_logs(history: list[dict], out_dir: Path, plot: bool = True) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, extrasaction="ignore")
     w.writeheader()
@@ -206,6 +206,8 @@ def _write_logs(history: list[dict], out_dir: Path) -> None:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     with atomic_path(out_dir / "log.csv") as tmp:
         tmp.write_text(buf.getvalue())
+    if not plot:
+        return
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -289,16 +291,18 @@ def _check_patch(cfg: dict) -> None:
                           f"e.g. train.patch=[{div * 4},{div * 4},{div * 4}]")
 
 
-def _train_epoch(model, loader, loss_fn, opt, sched, cfg, device, deep_sup, bar) -> float:
+def _train_epoch(model, loader, loss_fn, opt, sched, cfg, device, deep_sup, bar,
+                 scaler: torch.amp.GradScaler | None = None) -> float:
     model.train()
     tcfg = cfg["train"]
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
     total, n = 0.0, 0
     for batch in loader:
         x = torch.as_tensor(batch[IMAGE]).to(device)
         y = torch.as_tensor(batch[LABEL]).to(device)
         if tcfg["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        with autocast(device, tcfg["amp"]):
+        with autocast(device, tcfg["amp"], tcfg["amp_dtype"]):
             out = model(x)
         # DynUNet in training mode: (B, 1 + heads, 3, ...) → list, full resolution first.
         preds = [o.float() for o in torch.unbind(out, 1)] if deep_sup else out.float()
@@ -307,10 +311,12 @@ def _train_epoch(model, loader, loss_fn, opt, sched, cfg, device, deep_sup, bar)
             raise MedsegError(f"training loss became {loss.item()} at lr {sched.get_last_lr()[0]:.3g}; "
                               "lower train.lr or set train.amp=false")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if tcfg["grad_clip"]:
+            scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         total += loss.item()
         n += 1
@@ -328,7 +334,8 @@ def validate(model: nn.Module, val_ds, cfg: dict, device: torch.device) -> dict[
     for i in range(len(val_ds) if not n_max else min(n_max, len(val_ds))):
         item = val_ds[i]
         probs = predict_probs([model], item[IMAGE], cfg["train"]["patch"], inf["overlap"],
-                              inf["sw_batch_size"], cfg["train"]["amp"], device=device)
+                              inf["sw_batch_size"], cfg["train"]["amp"], device=device,
+                              amp_dtype=cfg["train"]["amp_dtype"])
         ref = np.asarray(item[LABEL]) > 0.5
         rows.append(case_metrics(probs.numpy() > inf["threshold"], ref, cfg["data"]["spacing"]))
     out = {}
@@ -385,6 +392,8 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
     warmup = tcfg["warmup_epochs"] * tcfg["iters_per_epoch"]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total_steps, warmup, tcfg["schedule"]))
+    # Loss scaling only for fp16 (bf16 has fp32's exponent range and needs none).
+    scaler = torch.amp.GradScaler(dev.type, enabled=tcfg["amp"] and tcfg["amp_dtype"] == "float16")
 
     meta = {
         "network": {"name": net["name"], "args": dict(net["args"])},
@@ -392,7 +401,7 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
         "spacing": list(cfg["data"]["spacing"]), "roi": list(tcfg["patch"]),
         "normalization": "z-score per channel over non-zero (brain) voxels, after RAS + "
                          "resampling to spacing + crop to the non-zero box",
-        "infer": dict(cfg["infer"], amp=tcfg["amp"]),
+        "infer": dict(cfg["infer"], amp=tcfg["amp"], amp_dtype=tcfg["amp_dtype"]),
         "medseg_version": __version__, "fold": fold, "datalist": str(data.datalist),
     }
     start, history, best = 0, [], -1.0
@@ -401,6 +410,7 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
         _set_rng_state(ck["rng"])
         start, history, best = ck["epoch"], ck["history"], ck["best"]
         if ck["config"] != cfg:
@@ -414,7 +424,7 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
     log(f"fold {fold}: {len(data.train)} training, {len(data.val)} validation cases; "
         f"{net['name']} {net['args']}, patch {tcfg['patch']}, batch {tcfg['batch_size']}"
         f"{f' x {dd.world} ranks' if dd.world > 1 else ''}, {tcfg['epochs']} epochs x "
-        f"{tcfg['iters_per_epoch']} iterations, {dev.type}{' bf16' if tcfg['amp'] else ''}")
+        f"{tcfg['iters_per_epoch']} iterations, {dev.type}{' ' + tcfg['amp_dtype'] if tcfg['amp'] else ''}")
 
     t_start = time.perf_counter()
     for epoch in range(start, tcfg["epochs"]):
@@ -430,7 +440,7 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
                             num_workers=workers, generator=torch.Generator().manual_seed(es),
                             persistent_workers=False)
         bar = _progress(len(loader), f"epoch {epoch + 1}/{tcfg['epochs']}", dd.main)
-        loss = _train_epoch(train_model, loader, loss_fn, opt, sched, cfg, dev, deep_sup, bar)
+        loss = _train_epoch(train_model, loader, loss_fn, opt, sched, cfg, dev, deep_sup, bar, scaler)
         if bar is not None:
             bar.close()
         if dd.world > 1:
@@ -447,18 +457,20 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
             improved = "dice_mean" in row and row["dice_mean"] > best
             best = row["dice_mean"] if improved else best
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history,
+                     "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history,
                      "best": best, "rng": _rng_state(), "config": cfg, "meta": meta}
             if improved:
                 _save(state, ckpt_dir / "best.pt")
             _save(state, last)
-            _write_logs(history, out_dir)
+            # The PNG costs about 0.2 s: redraw it when there is a new validation point.
+            _write_logs(history, out_dir, plot="dice_mean" in row or epoch + 1 == tcfg["epochs"])
             tb.log(row)
             done = epoch + 1
             eta = (time.perf_counter() - t_start) / (done - start) * (tcfg["epochs"] - done)
             vals = "  ".join(f"{r} {row[f'dice_{r}']:.3f}" for r in REGIONS) if "dice_mean" in row else ""
-            log(f"epoch {done:>3}/{tcfg['epochs']}  loss {loss:.4f}  lr {row['lr']:.2e}  "
-                f"{row['seconds']:.1f} s  ETA {eta / 60:.1f} min  {vals}".rstrip())
+            if vals or done == start + 1 or sys.stderr.isatty():
+                log(f"epoch {done:>3}/{tcfg['epochs']}  loss {loss:.4f}  lr {row['lr']:.2e}  "
+                    f"{row['seconds']:.1f} s  ETA {eta / 60:.1f} min  {vals}".rstrip())
         if dd.world > 1:
             dist.barrier()
 

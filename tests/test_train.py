@@ -167,3 +167,28 @@ def test_torchrun_two_cpu_processes(split, tmp_path):
     assert res.stdout.count("epoch   2/2") == 1          # rank 0 logs, rank 1 does not
     assert len(log_rows(out)) == 2
     load_model(out / "checkpoints/final.pt")
+
+
+def test_disk_cache_is_keyed_and_reused(split, tmp_path):
+    dl, root = split()
+    cache = tmp_path / "cache"
+    a = train_fold(tiny("data.cache=\"disk\""), dl, root, 0, tmp_path / "a", cache_dir=cache,
+                   print_fn=lambda s: None)
+    files = sorted(cache.rglob("*.pt"))
+    assert files, "PersistentDataset wrote nothing"
+    stamps = [f.stat().st_mtime_ns for f in files]
+    b = train_fold(tiny("data.cache=\"disk\""), dl, root, 0, tmp_path / "b", cache_dir=cache,
+                   print_fn=lambda s: None)
+    assert [f.stat().st_mtime_ns for f in sorted(cache.rglob("*.pt"))] == stamps
+    assert a["final"] | {"seconds": 0} == b["final"] | {"seconds": 0}
+    # Another spacing is another cache key, never a stale hit.
+    train_fold(tiny("data.cache=\"disk\"", "data.spacing=[5,5,5]"), dl, root, 0, tmp_path / "c",
+               cache_dir=cache, print_fn=lambda s: None)
+    assert len({p.parent for p in cache.rglob("*.pt")}) == 2
+
+
+def test_fp16_on_cpu_is_refused(split, tmp_path):
+    dl, root = split()
+    with pytest.raises(MedsegError, match="float16 needs CUDA"):
+        train_fold(tiny("train.amp_dtype=\"float16\""), dl, root, 0, tmp_path / "r",
+                   print_fn=lambda s: None)

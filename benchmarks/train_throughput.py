@@ -1,0 +1,161 @@
+"""Training throughput: medseg vs the MONAI-tutorial way, same model, patch and batch.
+
+    python benchmarks/train_throughput.py            # 8 BraTS-size synthetic cases
+    python benchmarks/train_throughput.py --shape 96 96 64 --iters 40
+
+Both arms train the same network (the ``cpu`` preset's `unet3d`, deep
+supervision, region Dice+BCE loss) on the same patches and batch size, with the
+same augmentation, each in its own process so that peak memory is its own:
+
+- **baseline** (as in MONAI's BraTS tutorials): `monai.data.Dataset` with
+  `LoadImaged` and the whole preprocessing every iteration, a `DataLoader`
+  with a worker, fp32.
+- **medseg**: the trainer's own code: preprocessed volumes cached once
+  (`CacheDataset`), bf16 autocast, the trainer's `_train_epoch` step.
+
+Printed: steady-state iterations per second after warm-up, the one-off cache
+build time, peak resident memory, and the ratios. Nothing is asserted: this
+measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _peak_rss_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + kids) / 1024.0
+
+
+def _arm(args) -> dict:
+    import torch
+    from monai.data import DataLoader, Dataset
+    from monai.transforms import Compose
+
+    from medseg.config import resolve_config
+    from medseg.losses import build_loss
+    from medseg.models import build_model
+    from medseg.train import _datasets, _train_epoch, fold_data
+    from medseg.transforms import IMAGE, LABEL, preprocessing, train_augmentation
+
+    cfg = resolve_config(args.preset, args.set)
+    tcfg = cfg["train"]
+    data = fold_data(args.datalist, args.root, 0)
+    torch.manual_seed(0)
+    model = build_model(cfg["model"]["name"], **cfg["model"]["args"])
+    loss_fn = build_loss(deep_supervision=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    n = (args.warmup + args.iters) * tcfg["batch_size"]
+    order = [i % len(data.train) for i in range(n)]
+    t0 = time.perf_counter()
+    if args.arm == "medseg":
+        train_ds, _ = _datasets(data, cfg, None)
+        cache_s = time.perf_counter() - t0
+        loader = DataLoader(train_ds, batch_size=tcfg["batch_size"], sampler=order,
+                            num_workers=cfg["data"]["num_workers"])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        it = iter(loader)
+        warm = [next(it) for _ in range(args.warmup)]
+        _train_epoch(model, warm, loss_fn, opt, sched, cfg, torch.device("cpu"), True, None)
+        rest = _Timed(it)
+        _train_epoch(model, rest, loss_fn, opt, sched, cfg, torch.device("cpu"), True, None)
+        seconds = rest.seconds
+    else:
+        pre = preprocessing(data.channels, data.convention, cfg["data"]["spacing"])
+        aug = train_augmentation(tcfg["patch"], *tcfg["pos_neg"])
+        ds = Dataset(data.train, Compose([*pre.transforms, *aug.transforms]))
+        cache_s = 0.0
+        loader = DataLoader(ds, batch_size=tcfg["batch_size"], sampler=order,
+                            num_workers=args.baseline_workers)
+        model.train()
+        seconds, done = 0.0, 0
+        t = time.perf_counter()
+        for batch in loader:
+            x, y = torch.as_tensor(batch[IMAGE]), torch.as_tensor(batch[LABEL])
+            loss = loss_fn(list(torch.unbind(model(x), 1)), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            done += 1
+            if done == args.warmup:
+                t = time.perf_counter()
+        seconds = time.perf_counter() - t
+    return {"arm": args.arm, "iters": args.iters, "seconds": seconds,
+            "it_per_s": args.iters / seconds, "cache_s": cache_s, "peak_rss_mb": _peak_rss_mb()}
+
+
+class _Timed:
+    """Iterates the loader and times everything from the first batch on
+    (data loading included)."""
+
+    def __init__(self, it):
+        self.it, self.seconds = it, 0.0
+
+    def __iter__(self):
+        t = time.perf_counter()
+        for batch in self.it:
+            yield batch
+        self.seconds = time.perf_counter() - t
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
+    p.add_argument("--iters", type=int, default=30, help="timed iterations per arm")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--baseline-workers", type=int, default=1)
+    p.add_argument("--arm", choices=["medseg", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--datalist", help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.arm:
+        print(json.dumps(_arm(args)))
+        return 0
+
+    from medseg.data.discover import discover, resolve_convention
+    from medseg.data.folds import build_datalist, write_datalist
+    from medseg.data.synth import synthesize
+    with tempfile.TemporaryDirectory() as tmp:
+        root, dl = Path(tmp) / "data", Path(tmp) / "split.json"
+        t = time.perf_counter()
+        synthesize(root, args.cases, "brats2023", 0, tuple(args.shape))
+        ds = discover(root)
+        conv, scans = resolve_convention(ds)
+        write_datalist(build_datalist(ds, conv, scans, 2, 0, "bench"), dl)
+        print(f"data: {args.cases} synthetic cases {tuple(args.shape)} .nii.gz "
+              f"({time.perf_counter() - t:.0f} s to write); preset {args.preset} {args.set}")
+        res = {}
+        for arm in ("baseline", "medseg"):
+            cmd = [sys.executable, __file__, "--arm", arm, "--datalist", str(dl), "--root", str(root),
+                   "--preset", args.preset, "--iters", str(args.iters), "--warmup", str(args.warmup),
+                   "--baseline-workers", str(args.baseline_workers),
+                   *[f"--set={s}" for s in args.set]]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return 1
+            res[arm] = json.loads(out.stdout.strip().splitlines()[-1])
+    b, m = res["baseline"], res["medseg"]
+    print(f"{'':10}{'it/s':>8}{'s/it':>8}{'cache s':>9}{'peak RSS MB':>13}")
+    for name, r in (("baseline", b), ("medseg", m)):
+        print(f"{name:10}{r['it_per_s']:8.2f}{1 / r['it_per_s']:8.2f}{r['cache_s']:9.1f}"
+              f"{r['peak_rss_mb']:13.0f}")
+    print(f"speed-up (steady state): {m['it_per_s'] / b['it_per_s']:.2f}x; "
+          f"peak memory ratio medseg/baseline: {m['peak_rss_mb'] / b['peak_rss_mb']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
