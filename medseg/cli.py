@@ -144,6 +144,41 @@ def _cmd_cv(a) -> int:
     return 0
 
 
+def _cmd_predict(a) -> int:
+    from medseg.predict import (cases_from_input, default_postprocessing, predict_all,
+                                resolve_checkpoints, single_case)
+    files = {k: getattr(a, k) for k in ("t1", "t1ce", "t2", "flair", "t1n", "t1c", "t2w", "t2f")}
+    if a.input and any(files.values()):
+        raise MedsegError("give either --input (a folder or datalist) or the four files "
+                          "(--t1 --t1ce --t2 --flair), not both")
+    if a.input:
+        cases, root = cases_from_input(a.input, a.data_root)
+    elif any(files.values()):
+        cases, root = [single_case(files, a.case_id)], None
+    else:
+        raise MedsegError("nothing to predict: pass --input DIR|DATALIST or --t1 --t1ce --t2 --flair")
+    et_min = a.et_min_ml if a.et_min_ml is not None else default_postprocessing(a.model).get("et_min_ml", 0.0)
+    predict_all(resolve_checkpoints(a.model), cases, a.out, root, a.convention, a.overwrite,
+                a.device, a.overlap, a.sw_batch_size, False if a.no_amp else None, a.tta,
+                a.min_component_ml, et_min, print_fn=_say)
+    return 0
+
+
+def _cmd_evaluate(a) -> int:
+    from medseg.evaluate import evaluate_folder, format_table
+    summary = evaluate_folder(a.pred, a.ref, a.out, a.convention)
+    print(format_table(summary["overall"]))
+    print(f"per-case metrics: {Path(a.out) / 'metrics.csv'}; summary: {Path(a.out) / 'summary.json'}")
+    return 0
+
+
+def _cmd_report(a) -> int:
+    from medseg.report import make_report
+    page = make_report(a.pred, a.images, a.out, a.ref, a.convention)
+    print(f"report: {page}")
+    return 0
+
+
 def _experiment_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--datalist", required=True, help="datalist JSON from `medseg data split`")
     c.add_argument("--data-root", required=True, help="folder the datalist paths are relative to")
@@ -214,6 +249,47 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--devices", help="comma-separated devices to train folds in parallel, "
                    "e.g. cuda:0,cuda:1")
     c.set_defaults(func=_cmd_cv)
+
+    pr = sub.add_parser("predict", help="masks on each input's own grid from 1..K checkpoints")
+    pr.add_argument("--model", nargs="+", required=True, metavar="RUN_OR_CHECKPOINT",
+                    help="cv folder (fold ensemble), train folder, or .pt files")
+    pr.add_argument("--input", help="data folder (any supported layout) or datalist JSON")
+    pr.add_argument("--data-root", help="with a datalist --input: the folder its paths are relative to")
+    for ch, alias in (("t1", "t1n"), ("t1ce", "t1c"), ("t2", "t2w"), ("flair", "t2f")):
+        pr.add_argument(f"--{ch}", help=f"single case: the {ch.upper()} file")
+        pr.add_argument(f"--{alias}", help=argparse.SUPPRESS)
+    pr.add_argument("--case-id", help="single case: output name (default: from the T1 file name)")
+    pr.add_argument("--out", required=True, help="output folder (never inside the input folder)")
+    pr.add_argument("--convention", choices=["brats2021", "brats2023", "brats2024", "msd"],
+                    help="label values of the masks (default: the training data's convention)")
+    pr.add_argument("--overlap", type=float, help="sliding-window overlap (default: the checkpoint's)")
+    pr.add_argument("--sw-batch-size", type=int, help="windows per forward pass")
+    pr.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8 flips)")
+    pr.add_argument("--no-amp", action="store_true", help="fp32 inference (default: bf16 autocast)")
+    pr.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    pr.add_argument("--min-component-ml", type=float, default=0.0,
+                    help="remove connected components smaller than this (mL) from each region")
+    pr.add_argument("--et-min-ml", type=float,
+                    help="a predicted ET smaller than this (mL) becomes necrosis (default: the value "
+                    "`medseg cv` chose, when --model is a cv folder; else 0)")
+    pr.add_argument("--overwrite", action="store_true", help="replace existing masks in --out")
+    pr.set_defaults(func=_cmd_predict)
+
+    ev = sub.add_parser("evaluate", help="Dice, HD95, … per case and region against references")
+    ev.add_argument("--pred", required=True, help="folder of <case_id>.nii.gz masks")
+    ev.add_argument("--ref", required=True, help="data root with labels, or a folder of <case_id>.nii.gz")
+    ev.add_argument("--out", required=True, help="folder for metrics.csv and summary.json")
+    ev.add_argument("--convention", choices=["brats2021", "brats2023", "brats2024", "msd"],
+                    help="label convention of both (default: detected from the reference data root)")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    rp = sub.add_parser("report", help="PNG overlays and an HTML page for quality control")
+    rp.add_argument("--pred", required=True, help="folder of <case_id>.nii.gz masks")
+    rp.add_argument("--images", required=True, help="the data folder the masks were predicted from")
+    rp.add_argument("--ref", help="optional: data root with labels, or folder of reference masks")
+    rp.add_argument("--out", required=True, help="folder for index.html and the PNGs")
+    rp.add_argument("--convention", choices=["brats2021", "brats2023", "brats2024", "msd"])
+    rp.set_defaults(func=_cmd_report)
 
     d = sub.add_parser("demo", help="synthetic data → check → split → 5-fold CV (cpu preset)")
     d.add_argument("--out", default="demo_data/brats2023", help="synthetic data folder")

@@ -15,12 +15,14 @@ from typing import Iterable
 
 import numpy as np
 
-from medseg.data.io import atomic_path, load_array, load_header
-from medseg.errors import DataError
+from medseg.data.discover import discover, resolve_convention
+from medseg.data.io import atomic_path, is_nifti, load_array, load_header, nifti_stem, write_json
+from medseg.errors import DataError, MedsegError
 from medseg.labels import REGIONS, labels_to_regions, validate_labels
 from medseg.metrics import METRICS, case_metrics
 
-__all__ = ["load_regions", "evaluate_case", "metric_rows", "summarize", "write_rows", "read_rows"]
+__all__ = ["load_regions", "evaluate_case", "metric_rows", "summarize", "write_rows", "read_rows",
+           "references", "evaluate_folder", "format_table"]
 
 
 def load_regions(path: str | Path, convention: str) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -84,3 +86,64 @@ def read_rows(path: str | Path) -> list[dict]:
         for m in METRICS:
             row[m] = float(row[m])
     return rows
+
+
+def references(ref: Path, convention: str | None) -> tuple[dict[str, Path], str]:
+    """A data root with labels, or a plain folder of ``<case_id>.nii.gz`` label files →
+    (case id → reference file, label convention)."""
+    try:
+        ds = discover(ref)
+    except MedsegError:
+        ds = None
+    if ds is not None and ds.training:
+        conv, _ = resolve_convention(ds, convention)
+        return {c.case_id: c.label for c in ds.training}, conv.name
+    files = {nifti_stem(p): p for p in sorted(ref.iterdir()) if p.is_file() and is_nifti(p)}
+    if not files:
+        raise MedsegError(f"--ref {ref}: no labelled cases and no .nii.gz files found")
+    if convention is None:
+        raise MedsegError(f"--ref {ref} is a plain folder of label files: pass --convention "
+                          "(brats2021, brats2023, brats2024 or msd)")
+    return files, convention
+
+
+def evaluate_folder(pred: str | Path, ref: str | Path, out: str | Path,
+                    convention: str | None = None) -> dict:
+    """Evaluate every ``<case_id>.nii.gz`` of `pred` against its reference; write
+    ``metrics.csv`` (per case × region) and ``summary.json`` to `out`."""
+    pred, ref, out = Path(pred), Path(ref), Path(out)
+    if not pred.is_dir():
+        raise MedsegError(f"--pred {pred}: not a folder")
+    refs, conv = references(ref, convention)
+    preds = {nifti_stem(p): p for p in sorted(pred.iterdir()) if p.is_file() and is_nifti(p)}
+    missing = sorted(set(refs) - set(preds))
+    if missing:
+        raise MedsegError(f"--pred {pred}: no prediction for {len(missing)} of {len(refs)} reference "
+                          f"cases, e.g. {missing[0]}.nii.gz; predict them (BraTS scores a missing "
+                          "case as empty) or evaluate against a folder holding only those predicted")
+    rows = []
+    for case_id in sorted(refs):
+        rows += metric_rows(case_id, evaluate_case(preds[case_id], refs[case_id], conv))
+    summary = {"pred": str(pred), "ref": str(ref), "label_convention": conv, "cases": len(refs),
+               "unmatched_predictions": sorted(set(preds) - set(refs)),
+               "metric_conventions": "BraTS: HD95 pools both directions; both empty → Dice 1, "
+                                     "HD95 0; one empty → Dice 0, HD95 373.13 mm",
+               "overall": summarize(rows)}
+    write_rows(rows, out / "metrics.csv")
+    write_json(summary, out / "summary.json")
+    return summary
+
+
+def format_table(overall: dict, lines_before: list[tuple[str, dict]] = ()) -> str:
+    """Mean ± std per region: one Dice line per (name, block) in `lines_before`, then
+    the overall Dice and HD95 lines."""
+    out = [f"{'':8}" + "".join(f"{r:>22}" for r in REGIONS)]
+
+    def line(name: str, block: dict, metric: str, fmt: str) -> str:
+        cells = [f"{block[r][metric]['mean']:{fmt}} ± {block[r][metric]['std']:{fmt}}" for r in REGIONS]
+        return f"{name:8}" + "".join(f"{c:>22}" for c in cells)
+
+    out += [line(name, block, "dice", ".3f") for name, block in lines_before]
+    out.append(line("Dice", overall, "dice", ".3f"))
+    out.append(line("HD95 mm", overall, "hd95", ".1f"))
+    return "\n".join(out)

@@ -19,18 +19,20 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 import torch
+from scipy import ndimage
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Invertd
 from torch import nn
 
 from medseg.data.io import load_header, write_nifti
-from medseg.errors import MedsegError
+from medseg.errors import DataError, MedsegError
 from medseg.labels import CHANNELS, regions_to_labels
 from medseg.models import build_model
 from medseg.transforms import IMAGE, preprocessing
 
-__all__ = ["autocast", "predict_probs", "load_model", "Predictor", "predict_case", "write_mask"]
+__all__ = ["autocast", "predict_probs", "load_model", "postprocess", "Predictor", "predict_case",
+           "write_mask"]
 
 
 def autocast(device: torch.device, enabled: bool, dtype: str = "bfloat16"):
@@ -76,6 +78,32 @@ def predict_probs(models: Sequence[nn.Module], image: torch.Tensor, roi: Sequenc
     return (acc / n)[0].cpu()
 
 
+def postprocess(regions: np.ndarray, voxel_ml: float, min_component_ml: float = 0.0,
+                et_min_ml: float = 0.0) -> np.ndarray:
+    """Clean a `(3, X, Y, Z)` boolean TC/WT/ET stack.
+
+    - `min_component_ml`: drop connected components (26-connected) of each region
+      smaller than this volume: isolated false-positive specks.
+    - `et_min_ml`: if the whole predicted ET is smaller than this, it is removed
+      from ET (its voxels stay in TC, so they become necrosis/NET). A case without
+      enhancing tumour scores ET Dice 1 only when nothing is predicted; a few
+      spurious ET voxels score 0 (the BraTS winners' relabelling trick). Choose
+      the threshold from cross-validation (`medseg cv` writes postprocessing.json).
+    """
+    out = np.asarray(regions, bool).copy()
+    if min_component_ml > 0:
+        min_vox = min_component_ml / voxel_ml
+        for i in range(out.shape[0]):
+            lab, n = ndimage.label(out[i], structure=np.ones((3, 3, 3), bool))
+            if n:
+                sizes = np.bincount(lab.ravel())
+                small = np.flatnonzero(sizes < min_vox)
+                out[i][np.isin(lab, small[small > 0])] = False
+    if et_min_ml > 0 and out[2].sum() * voxel_ml < et_min_ml:
+        out[2] = False
+    return out
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a network from a medseg checkpoint → (model in eval mode, checkpoint meta)."""
     path = Path(path)
@@ -105,7 +133,8 @@ class Predictor:
 
     def __init__(self, checkpoints: Sequence[str | Path], device: str | None = None,
                  overlap: float | None = None, sw_batch_size: int | None = None,
-                 amp: bool | None = None, mirror: bool = False):
+                 amp: bool | None = None, mirror: bool = False, min_component_ml: float = 0.0,
+                 et_min_ml: float = 0.0):
         if not checkpoints:
             raise MedsegError("no checkpoints given")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -125,6 +154,7 @@ class Predictor:
         self.amp_dtype = inf.get("amp_dtype", "bfloat16") if self.device.type == "cuda" else "bfloat16"
         self.threshold = inf["threshold"]
         self.mirror = mirror
+        self.min_component_ml, self.et_min_ml = min_component_ml, et_min_ml
         self._pre: dict[tuple[str, ...], object] = {}
 
     def preprocess(self, channels: Sequence[str]):
@@ -141,8 +171,16 @@ class Predictor:
         `(3, X, Y, Z)` probabilities on the grid of the first file, and that file."""
         images = [Path(p) for p in images]
         pre = self.preprocess(channels)
-        for p in images:
-            load_header(p)   # readable NIfTI, else a DataError naming the file
+        heads = [load_header(p) for p in images]   # readable NIfTI, else a DataError naming it
+        for p, h in zip(images[1:], heads[1:]):
+            if h.shape[:3] != heads[0].shape[:3] or not np.allclose(h.affine, heads[0].affine, atol=1e-3):
+                raise DataError(f"{p}: grid {h.shape[:3]} does not match {images[0].name} "
+                                f"{heads[0].shape[:3]} (shape or affine differ); all modalities of a "
+                                "case must be co-registered on one grid: resample this file onto it")
+        want = 1 if len(images) == 1 else 3
+        if len(images) not in (1, len(CHANNELS)) or len(heads[0].shape) != (4 if want == 1 else 3):
+            raise DataError(f"{images[0]}: expected four 3D files or one 4D file with 4 channels, "
+                            f"found {len(images)} file(s) of shape {heads[0].shape}")
         src = {IMAGE: [str(p) for p in images] if len(images) > 1 else str(images[0])}
         try:
             data = pre(src)
@@ -166,7 +204,9 @@ class Predictor:
         if probs.shape[1:] != shape:
             raise MedsegError(f"{ref}: internal error: inverted prediction {probs.shape[1:]} "
                               f"!= input grid {shape}")
-        return regions_to_labels(probs > self.threshold, convention), ref_img
+        voxel_ml = float(np.prod(ref_img.header.get_zooms()[:3])) / 1000.0
+        regions = postprocess(probs > self.threshold, voxel_ml, self.min_component_ml, self.et_min_ml)
+        return regions_to_labels(regions, convention), ref_img
 
 
 def write_mask(labels: np.ndarray, ref_img: nib.Nifti1Image, target: str | Path) -> None:

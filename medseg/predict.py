@@ -9,6 +9,7 @@ it refuses, or overwrites on request).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ from medseg.errors import DataError, MedsegError
 from medseg.infer import Predictor, predict_case
 from medseg.labels import CHANNELS
 
-__all__ = ["InputCase", "resolve_checkpoints", "cases_from_input", "single_case", "predict_all"]
+__all__ = ["InputCase", "resolve_checkpoints", "default_postprocessing", "cases_from_input",
+           "single_case", "predict_all"]
 
 
 @dataclass
@@ -48,6 +50,14 @@ def resolve_checkpoints(model: Sequence[str | Path]) -> list[Path]:
                               "run folder (with checkpoints/final.pt) or a cross-validation folder "
                               "(with fold_*/checkpoints/final.pt) whose training has finished")
     return out
+
+
+def default_postprocessing(model: Sequence[str | Path]) -> dict:
+    """The ``postprocessing.json`` that `medseg cv` chose, when `model` is one cv folder."""
+    if len(model) == 1 and (Path(model[0]) / "postprocessing.json").is_file():
+        post = json.loads((Path(model[0]) / "postprocessing.json").read_text())
+        return {"et_min_ml": float(post["et_min_ml"])}
+    return {}
 
 
 def cases_from_input(path: str | Path, data_root: str | Path | None = None) -> tuple[list[InputCase], Path]:
@@ -109,6 +119,7 @@ def predict_all(checkpoints: Sequence[Path], cases: list[InputCase], out_dir: st
                 input_root: Path | None, convention: str | None = None, overwrite: bool = False,
                 device: str | None = None, overlap: float | None = None,
                 sw_batch_size: int | None = None, amp: bool | None = None, mirror: bool = False,
+                min_component_ml: float = 0.0, et_min_ml: float = 0.0,
                 print_fn: Callable[[str], None] = print) -> list[Path]:
     """Predict every case into ``out_dir/<case_id>.nii.gz``; returns the written paths."""
     out_dir = Path(out_dir)
@@ -123,7 +134,8 @@ def predict_all(checkpoints: Sequence[Path], cases: list[InputCase], out_dir: st
         raise MedsegError(f"{existing[0]} already exists ({len(existing)} of {len(targets)} masks); "
                           "pass --overwrite to replace them, or choose another --out")
     predictor = Predictor(checkpoints, device=device, overlap=overlap, sw_batch_size=sw_batch_size,
-                          amp=amp, mirror=mirror)
+                          amp=amp, mirror=mirror, min_component_ml=min_component_ml,
+                          et_min_ml=et_min_ml)
     conv = convention or predictor.meta["label_convention"]
     t0 = time.perf_counter()
     for i, (case, target) in enumerate(zip(cases, targets), 1):
@@ -131,7 +143,8 @@ def predict_all(checkpoints: Sequence[Path], cases: list[InputCase], out_dir: st
         predict_case(predictor, case.images, conv, target, case.channels)
         print_fn(f"[{i}/{len(cases)}] {case.case_id} → {target} ({time.perf_counter() - t:.1f} s)")
     print_fn(f"{len(cases)} masks in {time.perf_counter() - t0:.1f} s; labels {conv}, "
-             f"{len(checkpoints)} model(s){', mirror TTA' if mirror else ''}")
+             f"{len(checkpoints)} model(s){', mirror TTA' if mirror else ''}; post-processing: "
+             f"components < {min_component_ml} mL removed, ET < {et_min_ml} mL → necrosis")
     return targets
 
 

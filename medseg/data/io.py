@@ -122,8 +122,10 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, target: Path,
     hdr = header.copy() if header is not None else None
     img = nib.Nifti1Image(array, affine, header=hdr)
     if header is not None:
-        img.set_qform(affine, int(header["qform_code"]) or 1)
-        img.set_sform(affine, int(header["sform_code"]) or 1)
+        # The input's codes exactly (0 included): a viewer then picks the same
+        # geometry source (qform or sform) for the mask as for the scan.
+        img.set_qform(affine, int(header["qform_code"]))
+        img.set_sform(affine, int(header["sform_code"]))
     img.set_data_dtype(array.dtype)
     with atomic_path(target) as tmp:
         nib.save(img, str(tmp))

@@ -1,0 +1,173 @@
+"""Prediction and evaluation: masks on the exact input grid for any orientation
+and spacing, fold ensembles, TTA, the single-case path, evaluation, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.cli import main
+from medseg.config import resolve_config
+from medseg.cv import run_cv
+from medseg.data.discover import discover
+from medseg.infer import Predictor
+from medseg.predict import resolve_checkpoints
+
+from conftest import TINY_TRAIN, tree_fingerprint
+
+
+@pytest.fixture(scope="module")
+def trained(_pristine, tmp_path_factory):
+    """A 5-fold cross-validation run on tiny brats2023 data → (run folder, data root)."""
+    from medseg.data.discover import resolve_convention
+    from medseg.data.folds import build_datalist, write_datalist
+    base = tmp_path_factory.mktemp("trained")
+    root = base / "data"
+    shutil.copytree(_pristine("brats2023", 6), root)
+    ds = discover(root)
+    conv, scans = resolve_convention(ds)
+    dl = base / "split.json"
+    write_datalist(build_datalist(ds, conv, scans, 5, 0, "t"), dl)
+    # Enough epochs that the model predicts some tumour, so geometry errors would show.
+    run_cv(resolve_config("cpu", [*TINY_TRAIN, "train.epochs=6", "train.iters_per_epoch=4"]),
+           dl, root, base / "run", print_fn=lambda s: None)
+    return base / "run", root
+
+
+def reoriented_case(src_case: Path, dst: Path, codes: tuple[str, str, str], zoom_z: int = 1) -> Path:
+    """Copy a case with every file re-oriented to `codes` (voxels and affine move
+    together: same anatomy, other storage order); `zoom_z` keeps every n-th slice
+    along the last stored axis (thick slices)."""
+    dst.mkdir(parents=True)
+    for f in sorted(src_case.iterdir()):
+        img = nib.load(f)
+        ornt = nib.orientations.ornt_transform(nib.io_orientation(img.affine),
+                                               nib.orientations.axcodes2ornt(codes))
+        out = img.as_reoriented(ornt)
+        if zoom_z > 1:
+            out = out.slicer[:, :, ::zoom_z]
+        nib.save(out, dst / f.name)
+    return dst
+
+
+@pytest.mark.parametrize("codes, zoom_z", [
+    (("R", "A", "S"), 1), (("L", "P", "S"), 1), (("P", "I", "R"), 1), (("A", "S", "L"), 1),
+    (("L", "P", "S"), 2),
+])
+def test_mask_lands_on_the_input_grid(trained, tmp_path, codes, zoom_z):
+    run, root = trained
+    case = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    src = reoriented_case(case, tmp_path / "in" / case.name, codes, zoom_z)
+    ras = reoriented_case(case, tmp_path / "ras" / case.name, ("R", "A", "S"), zoom_z)
+    out = {}
+    for name, folder in (("x", src.parent), ("ras", ras.parent)):
+        assert main(["predict", "--model", str(run), "--input", str(folder),
+                     "--out", str(tmp_path / f"out_{name}")]) == 0
+        out[name] = nib.load(tmp_path / f"out_{name}" / f"{case.name}.nii.gz")
+    ref = nib.load(next(src.glob("*-t1n.nii.gz")))
+    got = out["x"]
+    assert got.shape == ref.shape
+    np.testing.assert_array_equal(got.affine, ref.affine)
+    assert nib.aff2axcodes(got.affine) == codes
+    assert int(got.header["qform_code"]) == int(ref.header["qform_code"])
+    assert int(got.header["sform_code"]) == int(ref.header["sform_code"])
+    assert got.get_data_dtype() == np.uint8
+    # Labels on the right voxels: brought back to RAS, the mask equals the mask
+    # predicted from the RAS copy of the same case.
+    back = got.as_reoriented(nib.orientations.ornt_transform(
+        nib.io_orientation(got.affine), nib.orientations.axcodes2ornt(("R", "A", "S"))))
+    mask = np.asarray(back.dataobj)
+    assert mask.any(), "the tiny model predicts no tumour at all: the test would prove nothing"
+    np.testing.assert_array_equal(mask, np.asarray(out["ras"].dataobj))
+
+
+def test_ensemble_tta_and_single_case(trained, tmp_path):
+    run, root = trained
+    ckpts = resolve_checkpoints([run])
+    assert len(ckpts) == 5
+    case = discover(root).cases[0]
+    singles = [Predictor([c]).probabilities(case.images)[0] for c in ckpts]
+    five = Predictor(ckpts).probabilities(case.images)[0]
+    np.testing.assert_allclose(five, np.mean(singles, axis=0), atol=1e-5)
+    assert not np.allclose(singles[0], singles[1])
+    tta = Predictor(ckpts[:1], mirror=True).probabilities(case.images)[0]
+    assert not np.allclose(singles[0], tta)
+    t1n, t1c, t2w, t2f = case.images
+    assert main(["predict", "--model", str(ckpts[0]), "--t1", str(t1n), "--t1ce", str(t1c),
+                 "--t2", str(t2w), "--flair", str(t2f), "--out", str(tmp_path / "one")]) == 0
+    mask = nib.load(tmp_path / "one" / f"{case.case_id}.nii.gz")
+    assert mask.shape == nib.load(t1n).shape
+    # The 2023 option names work too.
+    assert main(["predict", "--model", str(ckpts[0]), "--t1n", str(t1n), "--t1c", str(t1c),
+                 "--t2w", str(t2w), "--t2f", str(t2f), "--out", str(tmp_path / "two"),
+                 "--case-id", "x"]) == 0
+    assert (tmp_path / "two" / "x.nii.gz").is_file()
+
+
+def test_predict_refuses_unsafe_or_bad_input(trained, tmp_path, capsys):
+    run, root = trained
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    before = tree_fingerprint(data)
+    args = ["predict", "--model", str(run), "--input", str(data)]
+    assert main([*args, "--out", str(data / "masks")]) == 2
+    assert "inside the input folder" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "o")]) == 0
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "o"), "--overwrite"]) == 0
+    assert tree_fingerprint(data) == before
+    case = discover(data).cases[0]
+    t1n, t1c, t2w, t2f = case.images
+    assert main(["predict", "--model", str(run), "--t1", str(t1n), "--t1ce", str(t1c),
+                 "--t2", str(t2w), "--out", str(tmp_path / "p")]) == 2
+    assert "--flair" in capsys.readouterr().err
+    # A modality on another grid is named.
+    img = nib.load(t2f)
+    bad = tmp_path / "bad_flair.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, :-2], img.affine), bad)
+    assert main(["predict", "--model", str(run), "--t1", str(t1n), "--t1ce", str(t1c),
+                 "--t2", str(t2w), "--flair", str(bad), "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "bad_flair.nii.gz" in err and "grid" in err
+    assert main(["predict", "--model", str(tmp_path / "nothing"), "--input", str(data),
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_evaluate_perfect_and_missing_predictions(trained, tmp_path, capsys):
+    _, root = trained
+    ds = discover(root)
+    perfect = tmp_path / "perfect"
+    perfect.mkdir()
+    for c in ds.training:
+        shutil.copy(c.label, perfect / f"{c.case_id}.nii.gz")
+    assert main(["evaluate", "--pred", str(perfect), "--ref", str(root), "--out", str(tmp_path / "e")]) == 0
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["cases"] == len(ds.training)
+    for r in ("TC", "WT", "ET"):
+        assert summary["overall"][r]["dice"]["mean"] == 1.0
+        assert summary["overall"][r]["hd95"]["mean"] == 0.0
+    (perfect / f"{ds.training[0].case_id}.nii.gz").unlink()
+    assert main(["evaluate", "--pred", str(perfect), "--ref", str(root), "--out", str(tmp_path / "f")]) == 2
+    assert ds.training[0].case_id in capsys.readouterr().err
+
+
+def test_report_pages(trained, tmp_path):
+    run, root = trained
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(run), "--input", str(root), "--out", str(out)]) == 0
+    assert main(["report", "--pred", str(out), "--images", str(root), "--ref", str(root),
+                 "--out", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    ids = [c.case_id for c in discover(root).cases]
+    for cid in ids:
+        assert cid in page
+        png = tmp_path / "rep" / f"{cid}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Dice" in page and "HD95" in page
