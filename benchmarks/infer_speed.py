@@ -9,12 +9,14 @@ the MONAI BraTS tutorial, same weights, on BraTS-size cases (4×240×240×155, 1
   `sliding_window_inference(roi, sw_batch_size=1, overlap=0.5)` with constant
   blending, fp32; probabilities inverted to the input grid with `Invertd`.
 - **medseg**: `Predictor` (windows over the brain box only, Gaussian blending,
-  bf16 autocast, the checkpoint's overlap and window batch), the same inversion.
+  bf16 autocast, the checkpoint's overlap and window batch), the same inversion; and **medseg_fp32**, the same without autocast, to
+separate the bf16 effect from the pipeline's.
 
 Each arm runs in its own process (peak memory is its own). Printed per arm:
 seconds per case, peak RSS, windows evaluated, achieved GFLOP/s against the
-matmul peak measured in the same run; then the speed-up and the Dice agreement
-of the two masks per region. Nothing is asserted.
+matmul peak measured in the same run, and Dice against the synthetic ground
+truth; then the speed-ups and the Dice agreement between arms per region.
+Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _peak_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not `ru_maxrss`: Linux carries
+    that over fork and exec, so a child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -86,15 +93,15 @@ def _arm(args) -> dict:
     roi = meta["roi"]
     gflop_window = _window_gflop(model, roi)
     times, windows = [], 0
-    if args.arm == "medseg":
-        pred = Predictor([args.checkpoint])
+    if args.arm in ("medseg", "medseg_fp32"):
+        pred = Predictor([args.checkpoint], amp=args.arm == "medseg")
         counter = _Counting(pred.models[0])
         pred.models = [counter]
         for i, files in enumerate(cases):
             t = time.perf_counter()
             labels, ref = pred.labels(files, "brats2023")
             times.append(time.perf_counter() - t)
-            np.save(out / f"medseg_{i}.npy", labels)
+            np.save(out / f"{args.arm}_{i}.npy", labels)
         windows = counter.windows
     else:
         pre = Compose([
@@ -124,7 +131,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=str(REPO / "runs/demo_cpu/fold_0/checkpoints/final.pt"))
     p.add_argument("--cases", type=int, default=2)
-    p.add_argument("--arm", choices=["medseg", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--arm", choices=["medseg", "medseg_fp32", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--cases-json", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -135,6 +142,7 @@ def main() -> int:
         print(f"{args.checkpoint} not found: run `make demo` first, or pass --checkpoint", file=sys.stderr)
         return 2
 
+    import nibabel as nib
     import numpy as np
 
     from medseg.data.discover import discover
@@ -146,7 +154,8 @@ def main() -> int:
         synthesize(root, args.cases, "brats2023", 7, (240, 240, 155), geometry_variation=False)
         cases = [[str(f) for f in c.images] for c in discover(root).cases]
         res = {}
-        for arm in ("baseline", "medseg"):
+        arms = ("baseline", "medseg_fp32", "medseg")
+        for arm in arms:
             cmd = [sys.executable, __file__, "--arm", arm, "--checkpoint", args.checkpoint,
                    "--cases-json", json.dumps(cases), "--out", tmp]
             r = subprocess.run(cmd, capture_output=True, text=True)
@@ -154,22 +163,33 @@ def main() -> int:
                 print(r.stderr[-3000:], file=sys.stderr)
                 return 1
             res[arm] = json.loads(r.stdout.strip().splitlines()[-1])
-        agree = {k: [] for k in ("TC", "WT", "ET")}
-        for i in range(len(cases)):
-            a = labels_to_regions(np.load(Path(tmp) / f"baseline_{i}.npy"), "brats2023")
-            b = labels_to_regions(np.load(Path(tmp) / f"medseg_{i}.npy"), "brats2023")
-            for j, k in enumerate(agree):
-                agree[k].append(dice(a[j], b[j]))
+        regions = ("TC", "WT", "ET")
+        masks = {a: [labels_to_regions(np.load(Path(tmp) / f"{a}_{i}.npy"), "brats2023")
+                     for i in range(len(cases))] for a in arms}
+        truth = [labels_to_regions(np.asarray(nib.load(c.label).dataobj), "brats2023")
+                 for c in discover(root).cases]
+
+        def mean_dice(x, y):
+            return {k: float(np.mean([dice(a[j], b[j]) for a, b in zip(x, y)]))
+                    for j, k in enumerate(regions)}
+        vs_truth = {a: mean_dice(masks[a], truth) for a in arms}
+        agree = mean_dice(masks["baseline"], masks["medseg"])
+        agree_bf16 = mean_dice(masks["medseg_fp32"], masks["medseg"])
     peak32, peak16 = matmul_peak_gflops("float32"), matmul_peak_gflops("bfloat16")
     print(f"{len(cases)} BraTS-size cases (4×240×240×155, 1 mm); checkpoint {args.checkpoint}")
     print(f"matmul peak on this machine: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
-    print(f"{'':10}{'s/case':>8}{'windows':>9}{'GFLOP/s':>9}{'% peak':>8}{'peak RSS MB':>13}")
-    for arm, peak in (("baseline", peak32), ("medseg", peak16)):
+    print(f"{'':12}{'s/case':>8}{'windows':>9}{'GFLOP/s':>9}{'% peak':>8}{'peak RSS MB':>13}"
+          "   Dice vs truth TC/WT/ET")
+    for arm, peak in (("baseline", peak32), ("medseg_fp32", peak32), ("medseg", peak16)):
         r = res[arm]
-        print(f"{arm:10}{r['s_per_case']:8.2f}{r['windows_per_case']:9.0f}{r['gflops']:9.0f}"
-              f"{100 * r['gflops'] / peak:7.0f}%{r['peak_rss_mb']:13.0f}")
-    print(f"speed-up: {res['baseline']['s_per_case'] / res['medseg']['s_per_case']:.2f}x; mask Dice "
-          "agreement " + ", ".join(f"{k} {np.mean(v):.4f}" for k, v in agree.items()))
+        print(f"{arm:12}{r['s_per_case']:8.2f}{r['windows_per_case']:9.0f}{r['gflops']:9.0f}"
+              f"{100 * r['gflops'] / peak:7.0f}%{r['peak_rss_mb']:13.0f}   "
+              + "/".join(f"{vs_truth[arm][k]:.3f}" for k in regions))
+    fmt = ", ".join
+    print(f"speed-up medseg vs baseline: {res['baseline']['s_per_case'] / res['medseg']['s_per_case']:.2f}x "
+          f"(bf16 alone: {res['medseg_fp32']['s_per_case'] / res['medseg']['s_per_case']:.2f}x)")
+    print("mask Dice agreement medseg vs baseline: " + fmt(f"{k} {v:.4f}" for k, v in agree.items()))
+    print("mask Dice agreement medseg bf16 vs fp32: " + fmt(f"{k} {v:.4f}" for k, v in agree_bf16.items()))
     return 0
 
 
