@@ -160,7 +160,7 @@ def _cmd_predict(a) -> int:
     et_min = a.et_min_ml if a.et_min_ml is not None else default_postprocessing(a.model).get("et_min_ml", 0.0)
     predict_all(resolve_checkpoints(a.model), cases, a.out, root, a.convention, a.overwrite,
                 a.device, a.overlap, a.sw_batch_size, False if a.no_amp else None, a.tta,
-                a.min_component_ml, et_min, print_fn=_say)
+                a.min_component_ml, et_min, a.probabilities, print_fn=_say)
     return 0
 
 
@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--et-min-ml", type=float,
                     help="a predicted ET smaller than this (mL) becomes necrosis (default: the value "
                     "`medseg cv` chose, when --model is a cv folder; else 0)")
+    pr.add_argument("--probabilities", action="store_true",
+                    help="also write OUT/probabilities/<case_id>.nii.gz: TC/WT/ET float maps (X, Y, Z, 3)")
     pr.add_argument("--overwrite", action="store_true", help="replace existing masks in --out")
     pr.set_defaults(func=_cmd_predict)
 

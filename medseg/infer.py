@@ -198,6 +198,12 @@ class Predictor:
     def labels(self, images: Sequence[str | Path], convention: str,
                channels: Sequence[str] = CHANNELS) -> tuple[np.ndarray, nib.Nifti1Image]:
         """→ uint8 label map in `convention` on the input grid, and the input's header image."""
+        labels, ref_img, _ = self.labels_and_probs(images, convention, channels)
+        return labels, ref_img
+
+    def labels_and_probs(self, images: Sequence[str | Path], convention: str,
+                         channels: Sequence[str] = CHANNELS):
+        """→ (uint8 labels, input header image, `(3, X, Y, Z)` probabilities) on the input grid."""
         probs, ref = self.probabilities(images, channels)
         ref_img = load_header(ref)
         shape = ref_img.shape[:3]
@@ -206,7 +212,7 @@ class Predictor:
                               f"!= input grid {shape}")
         voxel_ml = float(np.prod(ref_img.header.get_zooms()[:3])) / 1000.0
         regions = postprocess(probs > self.threshold, voxel_ml, self.min_component_ml, self.et_min_ml)
-        return regions_to_labels(regions, convention), ref_img
+        return regions_to_labels(regions, convention), ref_img, probs
 
 
 def write_mask(labels: np.ndarray, ref_img: nib.Nifti1Image, target: str | Path) -> None:
@@ -215,8 +221,14 @@ def write_mask(labels: np.ndarray, ref_img: nib.Nifti1Image, target: str | Path)
 
 
 def predict_case(predictor: Predictor, images: Sequence[str | Path], convention: str,
-                 target: str | Path, channels: Sequence[str] = CHANNELS) -> np.ndarray:
-    """Predict one case and write `<target>` (a `.nii.gz` mask on the input grid)."""
-    labels, ref_img = predictor.labels(images, convention, channels)
+                 target: str | Path, channels: Sequence[str] = CHANNELS,
+                 probs_target: str | Path | None = None) -> np.ndarray:
+    """Predict one case and write `<target>` (a `.nii.gz` mask on the input grid); with
+    `probs_target`, also the TC/WT/ET probabilities as a 4D float32 image (X, Y, Z, 3)
+    on the same grid."""
+    labels, ref_img, probs = predictor.labels_and_probs(images, convention, channels)
     write_mask(labels, ref_img, target)
+    if probs_target is not None:
+        write_nifti(np.ascontiguousarray(np.moveaxis(probs, 0, -1), dtype=np.float32),
+                    ref_img.affine, Path(probs_target), header=ref_img.header)
     return labels

@@ -119,7 +119,7 @@ def predict_all(checkpoints: Sequence[Path], cases: list[InputCase], out_dir: st
                 input_root: Path | None, convention: str | None = None, overwrite: bool = False,
                 device: str | None = None, overlap: float | None = None,
                 sw_batch_size: int | None = None, amp: bool | None = None, mirror: bool = False,
-                min_component_ml: float = 0.0, et_min_ml: float = 0.0,
+                min_component_ml: float = 0.0, et_min_ml: float = 0.0, probabilities: bool = False,
                 print_fn: Callable[[str], None] = print) -> list[Path]:
     """Predict every case into ``out_dir/<case_id>.nii.gz``; returns the written paths."""
     out_dir = Path(out_dir)
@@ -129,7 +129,8 @@ def predict_all(checkpoints: Sequence[Path], cases: list[InputCase], out_dir: st
             raise MedsegError(f"--out {out_dir} lies inside the input folder {r}; medseg never "
                               "writes into its inputs: choose an output folder elsewhere")
     targets = [out_dir / f"{c.case_id}.nii.gz" for c in cases]
-    existing = [t for t in targets if t.exists()]
+    probs = [out_dir / "probabilities" / f"{c.case_id}.nii.gz" for c in cases]
+    existing = [t for t in targets + (probs if probabilities else []) if t.exists()]
     if existing and not overwrite:
         raise MedsegError(f"{existing[0]} already exists ({len(existing)} of {len(targets)} masks); "
                           "pass --overwrite to replace them, or choose another --out")
@@ -140,7 +141,8 @@ def predict_all(checkpoints: Sequence[Path], cases: list[InputCase], out_dir: st
     t0 = time.perf_counter()
     for i, (case, target) in enumerate(zip(cases, targets), 1):
         t = time.perf_counter()
-        predict_case(predictor, case.images, conv, target, case.channels)
+        predict_case(predictor, case.images, conv, target, case.channels,
+                     probs[i - 1] if probabilities else None)
         print_fn(f"[{i}/{len(cases)}] {case.case_id} → {target} ({time.perf_counter() - t:.1f} s)")
     print_fn(f"{len(cases)} masks in {time.perf_counter() - t0:.1f} s; labels {conv}, "
              f"{len(checkpoints)} model(s){', mirror TTA' if mirror else ''}; post-processing: "

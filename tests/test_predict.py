@@ -102,6 +102,18 @@ def test_ensemble_tta_and_single_case(trained, tmp_path):
                  "--t2", str(t2w), "--flair", str(t2f), "--out", str(tmp_path / "one")]) == 0
     mask = nib.load(tmp_path / "one" / f"{case.case_id}.nii.gz")
     assert mask.shape == nib.load(t1n).shape
+    # Probability maps on the same grid, consistent with the mask (threshold 0.5).
+    assert main(["predict", "--model", str(ckpts[0]), "--t1", str(t1n), "--t1ce", str(t1c),
+                 "--t2", str(t2w), "--flair", str(t2f), "--out", str(tmp_path / "one"),
+                 "--overwrite", "--probabilities"]) == 0
+    pm = nib.load(tmp_path / "one" / "probabilities" / f"{case.case_id}.nii.gz")
+    assert pm.shape == (*mask.shape, 3)
+    np.testing.assert_allclose(pm.affine, mask.affine)
+    p = np.asarray(pm.dataobj)
+    assert p.min() >= 0 and p.max() <= 1
+    lab = np.asarray(mask.dataobj)
+    # Any region above 0.5 is labelled (precedence ET > TC > WT fills WT's gaps).
+    np.testing.assert_array_equal((p > 0.5).any(-1), lab > 0)
     # The 2023 option names work too.
     assert main(["predict", "--model", str(ckpts[0]), "--t1n", str(t1n), "--t1c", str(t1c),
                  "--t2w", str(t2w), "--t2f", str(t2f), "--out", str(tmp_path / "two"),
