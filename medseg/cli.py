@@ -145,8 +145,7 @@ def _cmd_cv(a) -> int:
 
 
 def _cmd_predict(a) -> int:
-    from medseg.predict import (cases_from_input, default_postprocessing, predict_all,
-                                resolve_checkpoints, single_case)
+    from medseg.data.inputs import cases_from_input, single_case
     files = {k: getattr(a, k) for k in ("t1", "t1ce", "t2", "flair", "t1n", "t1c", "t2w", "t2f")}
     if a.input and any(files.values()):
         raise MedsegError("give either --input (a folder or datalist) or the four files "
@@ -157,6 +156,13 @@ def _cmd_predict(a) -> int:
         cases, root = [single_case(files, a.case_id)], None
     else:
         raise MedsegError("nothing to predict: pass --input DIR|DATALIST or --t1 --t1ce --t2 --flair")
+    if a.engine == "onnx":
+        from medseg.edge import edge_predict_all
+        if len(a.model) != 1 or not str(a.model[0]).endswith(".onnx"):
+            raise MedsegError("--engine onnx takes one .onnx file as --model (see `medseg export`)")
+        edge_predict_all(a.model[0], cases, a.out, root, a.convention, a.overwrite, print_fn=_say)
+        return 0
+    from medseg.predict import default_postprocessing, predict_all, resolve_checkpoints
     et_min = a.et_min_ml if a.et_min_ml is not None else default_postprocessing(a.model).get("et_min_ml", 0.0)
     predict_all(resolve_checkpoints(a.model), cases, a.out, root, a.convention, a.overwrite,
                 a.device, a.overlap, a.sw_batch_size, False if a.no_amp else None, a.tta,
@@ -169,6 +175,17 @@ def _cmd_evaluate(a) -> int:
     summary = evaluate_folder(a.pred, a.ref, a.out, a.convention)
     print(format_table(summary["overall"]))
     print(f"per-case metrics: {Path(a.out) / 'metrics.csv'}; summary: {Path(a.out) / 'summary.json'}")
+    return 0
+
+
+def _cmd_export(a) -> int:
+    from medseg.export import export_onnx
+    from medseg.predict import default_postprocessing, resolve_checkpoints
+    ckpts = resolve_checkpoints(a.model)
+    model_dir = Path(a.model[0]) if len(a.model) == 1 and Path(a.model[0]).is_dir() else None
+    et_min = a.et_min_ml if a.et_min_ml is not None else default_postprocessing(a.model).get("et_min_ml", 0.0)
+    export_onnx(ckpts, a.out, a.opset, model_dir, et_min, print_fn=_say)
+    print(f"wrote {a.out}: {len(ckpts)} fold(s) in one graph, opset {a.opset}")
     return 0
 
 
@@ -274,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "`medseg cv` chose, when --model is a cv folder; else 0)")
     pr.add_argument("--probabilities", action="store_true",
                     help="also write OUT/probabilities/<case_id>.nii.gz: TC/WT/ET float maps (X, Y, Z, 3)")
+    pr.add_argument("--engine", choices=["torch", "onnx"], default="torch",
+                    help="onnx: run an exported .onnx with onnxruntime only (no torch, no MONAI)")
     pr.add_argument("--overwrite", action="store_true", help="replace existing masks in --out")
     pr.set_defaults(func=_cmd_predict)
 
@@ -284,6 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--convention", choices=["brats2021", "brats2023", "brats2024", "msd"],
                     help="label convention of both (default: detected from the reference data root)")
     ev.set_defaults(func=_cmd_evaluate)
+
+    ex = sub.add_parser("export", help="checkpoints → one verified, self-describing ONNX file")
+    ex.add_argument("--model", nargs="+", required=True, metavar="RUN_OR_CHECKPOINT",
+                    help="cv folder (all folds in one graph), train folder, or .pt files")
+    ex.add_argument("--out", required=True, help="output .onnx file")
+    ex.add_argument("--opset", type=int, default=17)
+    ex.add_argument("--et-min-ml", type=float, help="post-processing stored in the metadata "
+                    "(default: the value `medseg cv` chose)")
+    ex.set_defaults(func=_cmd_export)
 
     rp = sub.add_parser("report", help="PNG overlays and an HTML page for quality control")
     rp.add_argument("--pred", required=True, help="folder of <case_id>.nii.gz masks")

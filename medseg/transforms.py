@@ -24,7 +24,8 @@ from monai.transforms import (
 from medseg.errors import MedsegError
 from medseg.labels import CHANNELS, labels_to_regions
 
-__all__ = ["IMAGE", "LABEL", "ReorderChannelsd", "LabelsToRegionsd", "preprocessing",
+__all__ = ["IMAGE", "LABEL", "NEGLIGIBLE", "ReorderChannelsd", "LabelsToRegionsd",
+           "ClearResamplingNoised", "preprocessing",
            "train_augmentation"]
 
 IMAGE, LABEL = "image", "label"
@@ -68,6 +69,26 @@ class LabelsToRegionsd(MapTransform):
         return d
 
 
+#: Resampled voxels below this fraction of the channel's largest magnitude are set
+#: to 0. Why: interpolation leaves float noise (about 1e-5 of the signal) in the
+#: background; with "non-zero = brain" it would move the crop box and enter the
+#: z-score as brain voxels, so two correct resamplers (MONAI's and the torch-free
+#: edge runtime's) would disagree near the brain's edge.
+NEGLIGIBLE = 1e-4
+
+
+class ClearResamplingNoised(MapTransform):
+    """Zero the voxels whose magnitude is below NEGLIGIBLE × the channel's maximum."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            peak = torch.as_tensor(img).abs().flatten(1).amax(1).view(-1, *[1] * (img.ndim - 1))
+            d[key] = img * (torch.as_tensor(img).abs() >= NEGLIGIBLE * peak)
+        return d
+
+
 def preprocessing(channels: Sequence[str], convention: str, spacing=(1.0, 1.0, 1.0),
                   with_label: bool = True) -> Compose:
     """Load → channel-first → CHANNELS order → RAS → spacing → brain crop → z-score → regions."""
@@ -78,6 +99,7 @@ def preprocessing(channels: Sequence[str], convention: str, spacing=(1.0, 1.0, 1
         ReorderChannelsd(IMAGE, channels),
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys, pixdim=tuple(spacing), mode=("bilinear", "nearest")[: len(keys)]),
+        ClearResamplingNoised(IMAGE),
         CropForegroundd(keys, source_key=IMAGE, select_fn=lambda x: x > 0, allow_smaller=True),
         NormalizeIntensityd(IMAGE, nonzero=True, channel_wise=True),
     ]

@@ -41,3 +41,14 @@ def test_unreadable_files_raise_data_error(tmp_path):
         load_header(bad)
     with pytest.raises(DataError, match="file not found"):
         load_header(tmp_path / "missing.nii.gz")
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    import os
+    from medseg.data.io import write_json
+    umask = os.umask(0o022)
+    try:
+        write_json({"a": 1}, tmp_path / "x.json")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644

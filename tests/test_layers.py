@@ -10,7 +10,7 @@ LAYERS = {
     "__init__": 0, "labels": 0, "config": 0, "errors": 0,
     "data": 1, "transforms": 1, "models": 1, "losses": 1, "metrics": 1,
     "infer": 2,
-    "train": 3, "evaluate": 3, "predict": 3, "export": 3,
+    "train": 3, "evaluate": 3, "predict": 3, "export": 3, "edge": 2,
     "report": 4,                    # uses evaluate
     "cv": 4, "bundle": 4,
     "demo": 5,                      # the README demo drives cv

@@ -1,0 +1,218 @@
+"""Torch-free edge runtime: NIfTI → mask with onnxruntime, numpy and nibabel only.
+
+This module must never import torch or MONAI (a test runs it where importing
+them fails). It reads everything it needs from the ONNX file's metadata, written
+by `medseg export`: channel order, spacing, window size and overlap, threshold,
+label convention, post-processing.
+
+The path mirrors `medseg.infer.Predictor`:
+read → RAS (voxel reorder) → resample to the model spacing (separable linear)
+→ crop to the non-zero box → z-score per channel over non-zero voxels →
+Gaussian-weighted sliding window → un-crop → resample back → original
+orientation → threshold → ET > TC > WT labels → mask on the input grid.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+
+from medseg.data.inputs import InputCase, check_outputs
+from medseg.data.io import load_array, load_header, write_nifti
+from medseg.errors import DataError, MedsegError
+from medseg.labels import CHANNELS, regions_to_labels
+
+__all__ = ["EdgePredictor", "edge_predict_all", "read_metadata", "resample_linear", "gaussian_importance",
+           "window_starts"]
+
+_RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The medseg metadata of an ONNX file (values are JSON)."""
+    import onnxruntime as ort
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise MedsegError(f"{path}: not a readable ONNX model ({exc})") from None
+    meta = sess.get_modelmeta().custom_metadata_map
+    if "medseg" not in meta:
+        raise MedsegError(f"{path}: no medseg metadata; export the model with `medseg export`")
+    return json.loads(meta["medseg"])
+
+
+def resample_linear(arr: np.ndarray, factors: Sequence[float], out_shape: Sequence[int]) -> np.ndarray:
+    """Separable linear resampling of the last 3 axes: output voxel i samples input
+    position i * factor (voxel centres aligned at index 0, edges clamped)."""
+    out = arr.astype(np.float32, copy=False)
+    for ax, (f, n_out) in enumerate(zip(factors, out_shape)):
+        axis = out.ndim - 3 + ax
+        n_in = out.shape[axis]
+        pos = np.clip(np.arange(n_out, dtype=np.float64) * f, 0, n_in - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, n_in - 1)
+        w = (pos - lo).astype(np.float32)
+        shape = [1] * out.ndim
+        shape[axis] = n_out
+        w = w.reshape(shape)
+        out = np.take(out, lo, axis=axis) * (1 - w) + np.take(out, hi, axis=axis) * w
+    return out
+
+
+def gaussian_importance(roi: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
+    """Gaussian window weights as MONAI's `compute_importance_map` (MONAI 1.6) builds
+    them: a product of exp(-x² / 2σ²) over x centred at (n - 1) / 2, σ = 0.125 ×
+    size per axis, not renormalised, floored at max(minimum, 1e-3)."""
+    g = np.ones((), np.float32)
+    for n in roi:
+        x = np.arange(n, dtype=np.float32) - (n - 1) / 2.0
+        k = np.exp(x**2 / (-2 * (sigma_scale * n) ** 2)).astype(np.float32)
+        g = g[..., None] * k
+    return np.maximum(g, max(float(g.min()), 1e-3)).astype(np.float32)
+
+
+def window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Window start indices along one axis: stride roi × (1 - overlap), last flush."""
+    if size <= roi:
+        return [0]
+    step = max(1, int(roi * (1 - overlap)))
+    starts = list(range(0, size - roi + 1, step))
+    if starts[-1] != size - roi:
+        starts.append(size - roi)
+    return starts
+
+
+class EdgePredictor:
+    """An exported medseg ONNX model → masks on each input's grid."""
+
+    def __init__(self, model: str | Path, providers: Sequence[str] | None = None,
+                 threads: int | None = None):
+        import onnxruntime as ort
+        self.meta = read_metadata(model)
+        available = ort.get_available_providers()
+        wanted = providers or [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                           "CPUExecutionProvider") if p in available]
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model), opts, providers=list(wanted))
+        self.input_name = self.session.get_inputs()[0].name
+        self.roi = tuple(self.meta["roi"])
+        self.weights = gaussian_importance(self.roi)
+
+    # -------------------------------------------------------------- steps
+    def _read(self, images: Sequence[Path], channels: Sequence[str]):
+        heads = [load_header(p) for p in images]
+        for p, h in zip(images[1:], heads[1:]):
+            if h.shape[:3] != heads[0].shape[:3] or not np.allclose(h.affine, heads[0].affine, atol=1e-3):
+                raise DataError(f"{p}: grid {h.shape[:3]} does not match {images[0].name} "
+                                f"{heads[0].shape[:3]}; all modalities must share one grid")
+        if len(images) == 1:
+            arr = load_array(images[0], heads[0])
+            if arr.ndim != 4 or arr.shape[-1] != len(CHANNELS):
+                raise DataError(f"{images[0]}: expected a 4D image with 4 channels, found {arr.shape}")
+            vol = np.moveaxis(arr, -1, 0)
+        elif len(images) == len(CHANNELS):
+            vol = np.stack([load_array(p, h) for p, h in zip(images, heads)])
+        else:
+            raise DataError(f"expected four files or one 4D file, found {len(images)}")
+        order = [list(channels).index(c) for c in CHANNELS]
+        return vol[order], heads[0]
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """`(4, X, Y, Z)` preprocessed → `(3, X, Y, Z)` probabilities (Gaussian-blended)."""
+        roi, ov = self.roi, float(self.meta["overlap"])
+        pad = [(0, 0)] + [((max(r - s, 0)) // 2, max(r - s, 0) - (max(r - s, 0)) // 2)
+                          for s, r in zip(x.shape[1:], roi)]
+        xp = np.pad(x, pad)
+        acc = np.zeros((3, *xp.shape[1:]), np.float32)
+        norm = np.zeros(xp.shape[1:], np.float32)
+        starts = [window_starts(s, r, ov) for s, r in zip(xp.shape[1:], roi)]
+        bs = max(1, int(self.meta.get("sw_batch_size", 1)))
+        corners = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+        for i in range(0, len(corners), bs):
+            batch = corners[i:i + bs]
+            inp = np.stack([xp[:, a:a + roi[0], b:b + roi[1], c:c + roi[2]] for a, b, c in batch])
+            out = self.session.run(None, {self.input_name: inp.astype(np.float32)})[0]
+            for (a, b, c), p in zip(batch, out):
+                acc[:, a:a + roi[0], b:b + roi[1], c:c + roi[2]] += p * self.weights
+                norm[a:a + roi[0], b:b + roi[1], c:c + roi[2]] += self.weights
+        acc /= np.maximum(norm, 1e-8)
+        sl = tuple(slice(lo, lo + s) for (lo, _), s in zip(pad[1:], x.shape[1:]))
+        return acc[(slice(None), *sl)]
+
+    def probabilities(self, images: Sequence[str | Path],
+                      channels: Sequence[str] = CHANNELS) -> tuple[np.ndarray, nib.Nifti1Image]:
+        """→ `(3, X, Y, Z)` probabilities on the first file's grid, and its header image."""
+        images = [Path(p) for p in images]
+        vol, ref = self._read(images, channels)
+        ornt = nib.orientations.ornt_transform(nib.io_orientation(ref.affine), _RAS)
+        ras = np.stack([nib.orientations.apply_orientation(v, ornt) for v in vol])
+        # Spacing of the RAS-ordered axes: permute the header zooms like the voxels.
+        zooms = np.asarray(ref.header.get_zooms()[:3], np.float64)
+        src_axes = np.argsort(ornt[:, 0])          # RAS axis j comes from input axis src_axes[j]
+        sp_in = zooms[src_axes]
+        sp_out = np.asarray(self.meta["spacing"], np.float64)
+        shape_out = [max(1, int(round(n * a / b))) for n, a, b in zip(ras.shape[1:], sp_in, sp_out)]
+        res = resample_linear(ras, sp_out / sp_in, shape_out)
+        # As medseg.transforms.ClearResamplingNoised (NEGLIGIBLE = 1e-4 of the channel peak).
+        peak = np.abs(res).reshape(res.shape[0], -1).max(1).reshape(-1, 1, 1, 1)
+        res = res * (np.abs(res) >= 1e-4 * peak)
+        fg = (res > 0).any(0)
+        if not fg.any():
+            raise DataError(f"{images[0]}: every voxel is zero; expected a skull-stripped brain")
+        idx = np.argwhere(fg)
+        lo, hi = idx.min(0), idx.max(0) + 1
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        x = res[(slice(None), *box)].copy()
+        for c in range(x.shape[0]):
+            m = x[c] != 0
+            if m.any():
+                mu, sd = x[c][m].mean(), x[c][m].std()
+                x[c][m] = (x[c][m] - mu) / (sd if sd > 0 else 1.0)
+        p = self._run(x)
+        full = np.zeros((3, *res.shape[1:]), np.float32)
+        full[(slice(None), *box)] = p
+        back = resample_linear(full, sp_in / sp_out, ras.shape[1:])
+        inv = nib.orientations.ornt_transform(_RAS, nib.io_orientation(ref.affine))
+        probs = np.stack([nib.orientations.apply_orientation(b, inv) for b in back])
+        return probs.astype(np.float32), ref
+
+    def labels(self, images: Sequence[str | Path], convention: str | None = None,
+               channels: Sequence[str] = CHANNELS) -> tuple[np.ndarray, nib.Nifti1Image]:
+        probs, ref = self.probabilities(images, channels)
+        regions = probs > float(self.meta["threshold"])
+        et_min = float(self.meta.get("et_min_ml", 0.0))
+        voxel_ml = float(np.prod(ref.header.get_zooms()[:3])) / 1000.0
+        if et_min > 0 and regions[2].sum() * voxel_ml < et_min:
+            regions[2] = False
+        return regions_to_labels(regions, convention or self.meta["label_convention"]), ref
+
+    def predict(self, images: Sequence[str | Path], target: str | Path, convention: str | None = None,
+                channels: Sequence[str] = CHANNELS) -> np.ndarray:
+        labels, ref = self.labels(images, convention, channels)
+        write_nifti(labels.astype(np.uint8), ref.affine, Path(target), header=ref.header)
+        return labels
+
+
+def edge_predict_all(model: str | Path, cases: Sequence[InputCase], out_dir: str | Path,
+                     input_root: Path | None, convention: str | None = None, overwrite: bool = False,
+                     print_fn=print) -> list[Path]:
+    """`medseg predict --engine onnx`: every case → ``out_dir/<case_id>.nii.gz``."""
+    import time
+    out_dir = Path(out_dir)
+    targets = [out_dir / f"{c.case_id}.nii.gz" for c in cases]
+    check_outputs(out_dir, cases, input_root, targets, overwrite)
+    pred = EdgePredictor(model)
+    t0 = time.perf_counter()
+    for i, (case, target) in enumerate(zip(cases, targets), 1):
+        t = time.perf_counter()
+        pred.predict(case.images, target, convention, case.channels)
+        print_fn(f"[{i}/{len(cases)}] {case.case_id} → {target} ({time.perf_counter() - t:.1f} s)")
+    print_fn(f"{len(cases)} masks in {time.perf_counter() - t0:.1f} s with onnxruntime "
+             f"({', '.join(pred.session.get_providers())})")
+    return targets

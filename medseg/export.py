@@ -1,0 +1,152 @@
+"""`medseg export`: checkpoints → one ONNX file that describes itself, verified.
+
+The graph maps `(B, 4, D, H, W)` z-scored images (CHANNELS order) to
+`(B, 3, D, H, W)` TC/WT/ET **probabilities**; with several fold checkpoints it
+averages their sigmoid outputs inside the graph (one file, one run). Spatial
+axes are dynamic (multiples of the network's size divisor). The medseg
+metadata (JSON under the key ``medseg``) holds what a torch-free consumer
+needs: channels, normalisation, spacing, window size and overlap, threshold,
+label convention and region → label mapping, post-processing, medseg version
+and the cross-validation scores when exported from a cv folder.
+
+Verification at export: onnxruntime and PyTorch run the same synthetic brain
+patch; the maximum absolute probability difference and the mask Dice per region
+are reported, and the export fails (no file written) when out of tolerance.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from medseg import __version__
+from medseg.data.io import atomic_path
+from medseg.data.synth import FOV_MM, render_case
+from medseg.errors import MedsegError
+from medseg.infer import load_model
+from medseg.labels import CHANNELS, REGIONS, get_convention
+from medseg.metrics import dice
+from medseg.models import size_divisor
+
+__all__ = ["ProbabilityEnsemble", "export_onnx", "verification_patch", "TOLERANCE"]
+
+#: Largest accepted |ORT - torch| probability difference, and smallest mask Dice.
+TOLERANCE = {"fp32": (1e-3, 0.99)}
+
+
+class ProbabilityEnsemble(nn.Module):
+    """Mean of the sigmoid outputs of `models`: `(B, 4, …)` → `(B, 3, …)` probabilities."""
+
+    def __init__(self, models: Sequence[nn.Module]):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.sigmoid(m(x)) for m in self.models]).mean(0)
+
+
+def verification_patch(meta: dict, seed: int = 0) -> np.ndarray:
+    """A `(1, 4, *roi)` z-scored patch through a synthetic brain and tumour at the
+    model's spacing (a real input for the network, not noise)."""
+    spacing = np.asarray(meta["spacing"], np.float64)
+    shape = tuple(int(round(f / s)) for f, s in zip(FOV_MM, spacing))
+    case = render_case(seed, 0, shape=shape, geometry_variation=False)
+    img = case.images.astype(np.float32)
+    wt = case.classes >= 5   # edema and tumour classes
+    c = np.argwhere(wt).mean(0).astype(int) if wt.any() else np.array(shape) // 2
+    roi = np.asarray(meta["roi"])
+    lo = np.clip(c - roi // 2, 0, np.maximum(np.array(shape) - roi, 0))
+    patch = np.zeros((4, *roi), np.float32)
+    sl = tuple(slice(a, a + r) for a, r in zip(lo, roi))
+    crop = img[(slice(None), *sl)]
+    patch[(slice(None), *tuple(slice(0, s) for s in crop.shape[1:]))] = crop
+    for ch in range(4):
+        m = patch[ch] != 0
+        if m.any():
+            patch[ch][m] = (patch[ch][m] - patch[ch][m].mean()) / (patch[ch][m].std() or 1.0)
+    return patch[None]
+
+
+def _cv_scores(model_dir: Path | None) -> dict | None:
+    if model_dir is None or not (model_dir / "cv_summary.json").is_file():
+        return None
+    s = json.loads((model_dir / "cv_summary.json").read_text())
+    return {r: {m: s["overall"][r][m]["mean"] for m in ("dice", "hd95")} for r in REGIONS}
+
+
+def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
+                model_dir: Path | None = None, et_min_ml: float = 0.0,
+                verify: bool = True, print_fn=print) -> dict:
+    """Export the fold ensemble of `checkpoints` to `out`; returns the verification report."""
+    out = Path(out)
+    loaded = [load_model(p, "cpu") for p in checkpoints]
+    models = [m.float().eval() for m, _ in loaded]
+    meta = loaded[0][1]
+    for (_, m), p in zip(loaded[1:], checkpoints[1:]):
+        if m["network"] != meta["network"] or m["spacing"] != meta["spacing"] or m["roi"] != meta["roi"]:
+            raise MedsegError(f"{p}: network/spacing/roi differ from {checkpoints[0]}; an "
+                              "ensemble needs identical models")
+    net = ProbabilityEnsemble(models).eval()
+    x = torch.from_numpy(verification_patch(meta))
+    conv = get_convention(meta["label_convention"])
+    info = {
+        "format": "medseg-onnx-1",
+        "medseg_version": __version__,
+        "input": "(B, 4, D, H, W) float32: channels in 'channels' order, z-scored per channel "
+                 "over non-zero (brain) voxels after RAS + resampling to 'spacing' + crop to the "
+                 "non-zero box",
+        "output": "(B, 3, D, H, W) float32 probabilities for 'regions'",
+        "channels": list(CHANNELS), "regions": list(REGIONS),
+        "normalization": meta["normalization"], "spacing": meta["spacing"], "roi": meta["roi"],
+        "size_divisor": size_divisor(meta["network"]["name"], **meta["network"]["args"]),
+        "overlap": meta["infer"]["overlap"], "sw_batch_size": meta["infer"]["sw_batch_size"],
+        "blend": "gaussian", "threshold": meta["infer"]["threshold"],
+        "label_convention": conv.name, "region_labels": conv.region_labels(),
+        "labels_from_regions": "precedence ET > TC > WT: ET → et label; TC only → ncr label; "
+                               "WT only → ed label",
+        "label_values": {"ed": conv.ed, "ncr": conv.ncr, "et": conv.et},
+        "et_min_ml": et_min_ml, "network": meta["network"], "folds": len(checkpoints),
+        "opset": opset, "cv_scores": _cv_scores(model_dir),
+    }
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(net, (x,), buf, input_names=["image"], output_names=["probabilities"],
+                              opset_version=opset, dynamo=False,
+                              dynamic_axes={"image": {0: "batch", 2: "d", 3: "h", 4: "w"},
+                                            "probabilities": {0: "batch", 2: "d", 3: "h", 4: "w"}})
+        except Exception as exc:  # noqa: BLE001 - exporter errors are many and internal
+            raise MedsegError(f"{meta['network']['name']}: ONNX export failed "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
+    import onnx
+    model = onnx.load_from_string(buf.getvalue())
+    onnx.helper.set_model_props(model, {"medseg": json.dumps(info)})
+    data = model.SerializeToString()
+    report = {"max_abs_diff": None, "dice": None}
+    if verify:
+        import onnxruntime as ort
+        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"image": x.numpy()})[0]
+        with torch.no_grad():
+            want = net(x).numpy()
+        diff = float(np.abs(got - want).max())
+        thr = info["threshold"]
+        d = {r: dice(got[0, i] > thr, want[0, i] > thr) for i, r in enumerate(REGIONS)}
+        report = {"max_abs_diff": diff, "dice": d}
+        max_diff, min_dice = TOLERANCE["fp32"]
+        print_fn(f"verification (onnxruntime vs torch, {tuple(x.shape)} synthetic patch): max |Δp| "
+                 f"{diff:.2e}; mask Dice " + ", ".join(f"{r} {v:.4f}" for r, v in d.items()))
+        if diff > max_diff or min(d.values()) < min_dice:
+            raise MedsegError(f"ONNX verification failed: max |Δp| {diff:.2e} (limit {max_diff}) or "
+                              f"mask Dice {min(d.values()):.4f} (limit {min_dice}); {out} not written")
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(data)
+    return report
