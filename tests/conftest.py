@@ -66,3 +66,21 @@ def split(dataset, tmp_path):
         write_datalist(build_datalist(ds, conv, scans, folds, 0, out.stem), out)
         return out, root
     return make
+
+
+def tiny_cv_run(pristine, base: Path, folds: int, overrides: list[str],
+                only: list[int] | None = None) -> tuple[Path, Path]:
+    """Copy the tiny 6-case brats2023 dataset to `base/data`, split it into `folds`
+    and run `medseg cv` (`only`: a fold subset) → (run folder, data root)."""
+    from medseg.config import resolve_config
+    from medseg.cv import run_cv
+    from medseg.data.discover import discover, resolve_convention
+    from medseg.data.folds import build_datalist, write_datalist
+    root = base / "data"
+    shutil.copytree(pristine("brats2023", 6), root)
+    ds = discover(root)
+    conv, scans = resolve_convention(ds)
+    write_datalist(build_datalist(ds, conv, scans, folds, 0, "t"), base / "split.json")
+    run_cv(resolve_config("cpu", [*TINY_TRAIN, *overrides]), base / "split.json", root,
+           base / "run", folds=only, print_fn=lambda s: None)
+    return base / "run", root

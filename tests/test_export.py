@@ -4,7 +4,6 @@ torch-free edge runtime, and edge masks equal to the PyTorch masks."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,6 @@ import pytest
 import torch
 
 from medseg.cli import main
-from medseg.config import resolve_config
-from medseg.cv import run_cv
 from medseg.data.discover import discover
 from medseg.edge import EdgePredictor, read_metadata, resample_linear, window_starts
 from medseg.errors import MedsegError
@@ -27,7 +24,7 @@ from medseg.metrics import dice
 from medseg.models import build_model
 from medseg.predict import resolve_checkpoints
 
-from conftest import TINY_TRAIN
+from conftest import tiny_cv_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,6 +65,23 @@ def test_every_registry_model_exports_with_parity(tmp_path, name, args, roi):
     assert out.shape == (1, 3, *shape[2:]) and 0 <= out.min() and out.max() <= 1
 
 
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_reduced_precision_exports_are_verified(exported, tmp_path, precision):
+    # A trained model: a random one sits at p ≈ 0.5, where any rounding flips masks.
+    ck = exported[0] / "run" / "fold_0" / "checkpoints" / "final.pt"
+    lines: list[str] = []
+    report = export_onnx([ck], tmp_path / "m.onnx", precision=precision, print_fn=lines.append)
+    assert read_metadata(tmp_path / "m.onnx")["precision"] == precision
+    assert precision in lines[0] and report["max_abs_diff"] is not None
+    import onnx
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    ops = {n.op_type for n in graph.node}
+    if precision == "int8":
+        assert "QuantizeLinear" in ops
+    else:
+        assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+
+
 def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
     import medseg.export as ex
     ck = checkpoint(tmp_path, "unet3d", {"filters": [8, 16, 32]}, (16, 16, 16))
@@ -87,20 +101,12 @@ def test_numpy_helpers():
 
 @pytest.fixture(scope="module")
 def exported(_pristine, tmp_path_factory):
-    from medseg.data.discover import resolve_convention
-    from medseg.data.folds import build_datalist, write_datalist
     base = tmp_path_factory.mktemp("exported")
-    root = base / "data"
-    shutil.copytree(_pristine("brats2023", 6), root)
-    ds = discover(root)
-    conv, scans = resolve_convention(ds)
-    write_datalist(build_datalist(ds, conv, scans, 2, 0, "t"), base / "split.json")
     # Long enough that the model is confident (probabilities near 0.5 would make
     # mask agreement a coin toss rather than a test of the runtime).
-    run_cv(resolve_config("cpu", [*TINY_TRAIN, "train.epochs=30", "train.iters_per_epoch=4",
-                                  "train.val_every=30"]),
-           base / "split.json", root, base / "run", folds=[0], print_fn=lambda s: None)
-    assert main(["export", "--model", str(base / "run"), "--out", str(base / "m.onnx")]) == 0
+    run, root = tiny_cv_run(_pristine, base, 2, ["train.epochs=30", "train.iters_per_epoch=4",
+                                                 "train.val_every=30"], only=[0])
+    assert main(["export", "--model", str(run), "--out", str(base / "m.onnx")]) == 0
     return base, root
 
 

@@ -12,31 +12,19 @@ import numpy as np
 import pytest
 
 from medseg.cli import main
-from medseg.config import resolve_config
-from medseg.cv import run_cv
 from medseg.data.discover import discover
 from medseg.infer import Predictor
 from medseg.predict import resolve_checkpoints
 
-from conftest import TINY_TRAIN, tree_fingerprint
+from conftest import tiny_cv_run, tree_fingerprint
 
 
 @pytest.fixture(scope="module")
 def trained(_pristine, tmp_path_factory):
     """A 5-fold cross-validation run on tiny brats2023 data → (run folder, data root)."""
-    from medseg.data.discover import resolve_convention
-    from medseg.data.folds import build_datalist, write_datalist
-    base = tmp_path_factory.mktemp("trained")
-    root = base / "data"
-    shutil.copytree(_pristine("brats2023", 6), root)
-    ds = discover(root)
-    conv, scans = resolve_convention(ds)
-    dl = base / "split.json"
-    write_datalist(build_datalist(ds, conv, scans, 5, 0, "t"), dl)
     # Enough epochs that the model predicts some tumour, so geometry errors would show.
-    run_cv(resolve_config("cpu", [*TINY_TRAIN, "train.epochs=6", "train.iters_per_epoch=4"]),
-           dl, root, base / "run", print_fn=lambda s: None)
-    return base / "run", root
+    return tiny_cv_run(_pristine, tmp_path_factory.mktemp("trained"), 5,
+                       ["train.epochs=6", "train.iters_per_epoch=4"])
 
 
 def reoriented_case(src_case: Path, dst: Path, codes: tuple[str, str, str], zoom_z: int = 1) -> Path:

@@ -1,0 +1,110 @@
+"""Edge speed: seconds per BraTS-size case and peak memory for torch fp32, torch
+bf16, onnxruntime fp32, fp16 and INT8, in one run, with mask agreement against
+torch fp32.
+
+    make demo                                  # trains runs/demo_cpu (default weights)
+    python benchmarks/onnx_speed.py [--checkpoint PATH] [--cases 2]
+
+The torch arms are `medseg predict`'s `Predictor` (MONAI preprocessing and
+inversion). The ONNX arms are the torch-free `EdgePredictor` (numpy
+preprocessing), on files written by `medseg export` (which verified them). Each
+arm runs in its own process: its peak resident memory (VmHWM) is its own.
+Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ARMS = ("torch_fp32", "torch_bf16", "ort_fp32", "ort_fp16", "ort_int8")
+
+
+def _peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _arm(args) -> dict:
+    import numpy as np
+    cases = json.loads(args.cases_json)
+    if args.arm.startswith("torch"):
+        from medseg.infer import Predictor
+        pred = Predictor([args.checkpoint], amp=args.arm == "torch_bf16")
+        run = lambda files: pred.labels(files, "brats2023")[0]  # noqa: E731
+    else:
+        from medseg.edge import EdgePredictor
+        pred = EdgePredictor(Path(args.out) / f"{args.arm}.onnx")
+        run = lambda files: pred.labels(files, "brats2023")[0]  # noqa: E731
+    times = []
+    for i, files in enumerate(cases):
+        t = time.perf_counter()
+        labels = run(files)
+        times.append(time.perf_counter() - t)
+        np.save(Path(args.out) / f"{args.arm}_{i}.npy", labels)
+    return {"arm": args.arm, "s_per_case": sum(times) / len(times), "times": times,
+            "peak_rss_mb": _peak_mb()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default=str(REPO / "runs/demo_cpu/fold_0/checkpoints/final.pt"))
+    p.add_argument("--cases", type=int, default=2)
+    p.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
+    p.add_argument("--cases-json", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.arm:
+        print(json.dumps(_arm(args)))
+        return 0
+    if not Path(args.checkpoint).is_file():
+        print(f"{args.checkpoint} not found: run `make demo` first, or pass --checkpoint", file=sys.stderr)
+        return 2
+
+    import numpy as np
+
+    from medseg.data.discover import discover
+    from medseg.data.synth import synthesize
+    from medseg.export import export_onnx
+    from medseg.labels import labels_to_regions
+    from medseg.metrics import dice
+    with tempfile.TemporaryDirectory() as tmp:
+        for prec in ("fp32", "fp16", "int8"):
+            export_onnx([Path(args.checkpoint)], Path(tmp) / f"ort_{prec}.onnx", precision=prec,
+                        print_fn=lambda s: print("export:", s))
+        root = Path(tmp) / "data"
+        synthesize(root, args.cases, "brats2023", 7, (240, 240, 155), geometry_variation=False)
+        cases = [[str(f) for f in c.images] for c in discover(root).cases]
+        res = {}
+        for arm in ARMS:
+            cmd = [sys.executable, __file__, "--arm", arm, "--checkpoint", args.checkpoint,
+                   "--cases-json", json.dumps(cases), "--out", tmp]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                print(f"{arm} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+                continue
+            res[arm] = json.loads(r.stdout.strip().splitlines()[-1])
+        ref = [labels_to_regions(np.load(Path(tmp) / f"torch_fp32_{i}.npy"), "brats2023")
+               for i in range(len(cases))]
+        print(f"{len(cases)} BraTS-size cases (4×240×240×155, 1 mm); checkpoint {args.checkpoint}")
+        print(f"{'':12}{'s/case':>8}{'vs torch fp32':>15}{'peak RSS MB':>13}   mask Dice vs torch fp32 TC/WT/ET")
+        base = res["torch_fp32"]["s_per_case"]
+        for arm, r in res.items():
+            got = [labels_to_regions(np.load(Path(tmp) / f"{arm}_{i}.npy"), "brats2023")
+                   for i in range(len(cases))]
+            d = [np.mean([dice(g[j], f[j]) for g, f in zip(got, ref)]) for j in range(3)]
+            print(f"{arm:12}{r['s_per_case']:8.2f}{base / r['s_per_case']:14.2f}x{r['peak_rss_mb']:13.0f}   "
+                  + "/".join(f"{v:.4f}" for v in d))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
