@@ -184,7 +184,8 @@ def _cmd_export(a) -> int:
     ckpts = resolve_checkpoints(a.model)
     model_dir = Path(a.model[0]) if len(a.model) == 1 and Path(a.model[0]).is_dir() else None
     et_min = a.et_min_ml if a.et_min_ml is not None else default_postprocessing(a.model).get("et_min_ml", 0.0)
-    export_onnx(ckpts, a.out, a.opset, model_dir, et_min, precision=a.precision, print_fn=_say)
+    export_onnx(ckpts, a.out, a.opset, model_dir, et_min, precision=a.precision,
+                calibration=a.calibration, print_fn=_say)
     print(f"wrote {a.out}: {len(ckpts)} fold(s) in one graph, opset {a.opset}, {a.precision}")
     return 0
 
@@ -311,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--opset", type=int, default=17)
     ex.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                     help="fp16: half weights/compute; int8: static quantization (calibrated)")
+    ex.add_argument("--calibration", help="int8: data folder (e.g. the training data) whose cases "
+                    "calibrate the quantization (default: synthetic brain patches)")
     ex.add_argument("--et-min-ml", type=float, help="post-processing stored in the metadata "
                     "(default: the value `medseg cv` chose)")
     ex.set_defaults(func=_cmd_export)

@@ -1,8 +1,9 @@
 """`medseg export`: checkpoints → one ONNX file that describes itself, verified.
 
 Precision: fp32 (default), fp16 (weights and compute; fp32 inputs and
-outputs) or static INT8 (QDQ, per-channel weights, calibrated on synthetic
-brain patches at the model's spacing), each verified against fp32 PyTorch with
+outputs) or static INT8 (QDQ, per-channel weights, calibrated on patches of the
+training data given with `calibration`, else on synthetic brain patches at the
+model's spacing), each verified against fp32 PyTorch with
 its own tolerance (`TOLERANCE`).
 
 The graph maps `(B, 4, D, H, W)` z-scored images (CHANNELS order) to
@@ -40,7 +41,8 @@ from medseg.labels import CHANNELS, REGIONS, get_convention
 from medseg.metrics import dice
 from medseg.models import size_divisor
 
-__all__ = ["ProbabilityEnsemble", "export_onnx", "verification_patch", "TOLERANCE"]
+__all__ = ["ProbabilityEnsemble", "export_onnx", "verification_patch", "calibration_patches",
+           "TOLERANCE"]
 
 #: Per precision: largest accepted |ORT - torch| probability difference, and the
 #: smallest mask Dice per region (INT8 rounds activations: judged on the masks).
@@ -57,9 +59,33 @@ class _Calibration:
         return next(self.it, None)
 
 
-def _convert(data: bytes, precision: str, meta: dict, n_calib: int = 8) -> bytes:
+def calibration_patches(data_root: str | Path, meta: dict, n_cases: int = 8) -> list[np.ndarray]:
+    """`(1, 4, *roi)` patches from the first `n_cases` cases of a data folder (e.g. the
+    training data), through medseg's own preprocessing, centred on the brain box."""
+    from medseg.data.discover import discover
+    from medseg.transforms import IMAGE, preprocessing
+    ds = discover(data_root)
+    pre = preprocessing(ds.layout.channels, "brats2023", meta["spacing"], with_label=False)
+    roi = np.asarray(meta["roi"])
+    out = []
+    for case in ds.cases[:n_cases]:
+        files = [str(p) for p in case.images]
+        img = np.asarray(pre({IMAGE: files if len(files) > 1 else files[0]})[IMAGE], np.float32)
+        patch = np.zeros((4, *roi), np.float32)
+        lo = np.maximum((np.array(img.shape[1:]) - roi) // 2, 0)
+        crop = img[(slice(None), *(slice(a, a + r) for a, r in zip(lo, roi)))]
+        patch[(slice(None), *(slice(0, s) for s in crop.shape[1:]))] = crop
+        out.append(patch[None])
+    if not out:
+        raise MedsegError(f"--calibration {data_root}: no cases found")
+    return out
+
+
+def _convert(data: bytes, precision: str, meta: dict, calibration: list[np.ndarray] | None = None,
+             n_calib: int = 8) -> bytes:
     """fp32 ONNX bytes → fp16 (weights and compute, fp32 inputs/outputs kept) or
-    static INT8 (QDQ, per-channel weights, calibrated on synthetic brain patches)."""
+    static INT8 (QDQ, per-channel weights, calibrated on `calibration` patches, else
+    on synthetic brain patches)."""
     import onnx
     if precision == "fp32":
         return data
@@ -72,8 +98,8 @@ def _convert(data: bytes, precision: str, meta: dict, n_calib: int = 8) -> bytes
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
             src.write_bytes(data)
-            quantize_static(str(src), str(dst), _Calibration([verification_patch(meta, 100 + i)
-                                                              for i in range(n_calib)]),
+            patches = calibration or [verification_patch(meta, 100 + i) for i in range(n_calib)]
+            quantize_static(str(src), str(dst), _Calibration(patches),
                             quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
             return dst.read_bytes()
@@ -130,7 +156,8 @@ def _cv_scores(model_dir: Path | None) -> dict | None:
 
 def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
                 model_dir: Path | None = None, et_min_ml: float = 0.0,
-                verify: bool = True, precision: str = "fp32", print_fn=print) -> dict:
+                verify: bool = True, precision: str = "fp32",
+                calibration: str | Path | None = None, print_fn=print) -> dict:
     """Export the fold ensemble of `checkpoints` to `out`; returns the verification report."""
     out = Path(out)
     loaded = [load_model(p, "cpu") for p in checkpoints]
@@ -176,7 +203,10 @@ def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
             raise MedsegError(f"{meta['network']['name']}: ONNX export failed "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
     import onnx
-    model = onnx.load_from_string(_convert(buf.getvalue(), precision, meta))
+    calib = calibration_patches(calibration, meta) if calibration and precision == "int8" else None
+    info["int8_calibration"] = (str(calibration) if calib else "synthetic brain patches") \
+        if precision == "int8" else None
+    model = onnx.load_from_string(_convert(buf.getvalue(), precision, meta, calib))
     onnx.helper.set_model_props(model, {"medseg": json.dumps(info)})
     data = model.SerializeToString()
     report = {"max_abs_diff": None, "dice": None}

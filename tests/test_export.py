@@ -74,8 +74,12 @@ def test_reduced_precision_exports_are_verified(exported, tmp_path, precision):
     # A trained model: a random one sits at p ≈ 0.5, where any rounding flips masks.
     ck = exported[0] / "run" / "fold_0" / "checkpoints" / "final.pt"
     lines: list[str] = []
-    report = export_onnx([ck], tmp_path / "m.onnx", precision=precision, print_fn=lines.append)
-    assert read_metadata(tmp_path / "m.onnx")["precision"] == precision
+    report = export_onnx([ck], tmp_path / "m.onnx", precision=precision, print_fn=lines.append,
+                         calibration=exported[1] if precision == "int8" else None)
+    meta = read_metadata(tmp_path / "m.onnx")
+    assert meta["precision"] == precision
+    if precision == "int8":
+        assert meta["int8_calibration"] == str(exported[1])   # the training data
     assert precision in lines[0] and report["max_abs_diff"] is not None
     import onnx
     graph = onnx.load(tmp_path / "m.onnx").graph
