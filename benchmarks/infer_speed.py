@@ -23,23 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import peak_rss_mb, run_arm  # noqa: E402  (benchmarks/ is the script's folder)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _peak_mb() -> float:
-    """This process's peak resident memory (VmHWM). Not `ru_maxrss`: Linux carries
-    that over fork and exec, so a child would report its parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def matmul_peak_gflops(dtype_name: str, n: int = 2048, reps: int = 10) -> float:
@@ -124,7 +115,7 @@ def _arm(args) -> dict:
     total = sum(times)
     return {"arm": args.arm, "s_per_case": total / len(cases), "times": times,
             "windows_per_case": windows / len(cases), "gflop_per_window": gflop_window,
-            "gflops": windows * gflop_window / total, "peak_rss_mb": _peak_mb()}
+            "gflops": windows * gflop_window / total, "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> int:
@@ -156,13 +147,10 @@ def main() -> int:
         res = {}
         arms = ("baseline", "medseg_fp32", "medseg")
         for arm in arms:
-            cmd = [sys.executable, __file__, "--arm", arm, "--checkpoint", args.checkpoint,
-                   "--cases-json", json.dumps(cases), "--out", tmp]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode:
-                print(r.stderr[-3000:], file=sys.stderr)
+            res[arm] = run_arm(__file__, arm, "--checkpoint", args.checkpoint,
+                               "--cases-json", json.dumps(cases), "--out", tmp)
+            if res[arm] is None:
                 return 1
-            res[arm] = json.loads(r.stdout.strip().splitlines()[-1])
         regions = ("TC", "WT", "ET")
         masks = {a: [labels_to_regions(np.load(Path(tmp) / f"{a}_{i}.npy"), "brats2023")
                      for i in range(len(cases))] for a in arms}

@@ -16,21 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import peak_rss_mb, run_arm  # noqa: E402  (benchmarks/ is the script's folder)
+
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("torch_fp32", "torch_bf16", "ort_fp32", "ort_fp16", "ort_int8")
-
-
-def _peak_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def _arm(args) -> dict:
@@ -51,7 +45,7 @@ def _arm(args) -> dict:
         times.append(time.perf_counter() - t)
         np.save(Path(args.out) / f"{args.arm}_{i}.npy", labels)
     return {"arm": args.arm, "s_per_case": sum(times) / len(times), "times": times,
-            "peak_rss_mb": _peak_mb()}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> int:
@@ -85,13 +79,10 @@ def main() -> int:
         cases = [[str(f) for f in c.images] for c in discover(root).cases]
         res = {}
         for arm in ARMS:
-            cmd = [sys.executable, __file__, "--arm", arm, "--checkpoint", args.checkpoint,
-                   "--cases-json", json.dumps(cases), "--out", tmp]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode:
-                print(f"{arm} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
-                continue
-            res[arm] = json.loads(r.stdout.strip().splitlines()[-1])
+            r = run_arm(__file__, arm, "--checkpoint", args.checkpoint,
+                        "--cases-json", json.dumps(cases), "--out", tmp)
+            if r is not None:
+                res[arm] = r
         ref = [labels_to_regions(np.load(Path(tmp) / f"torch_fp32_{i}.npy"), "brats2023")
                for i in range(len(cases))]
         print(f"{len(cases)} BraTS-size cases (4×240×240×155, 1 mm); checkpoint {args.checkpoint}")

@@ -24,25 +24,18 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import peak_rss_mb, run_arm  # noqa: E402  (benchmarks/ is the script's folder)
 
-def _peak_rss_mb() -> tuple[float, float]:
-    """(this process's peak resident memory (VmHWM), the largest DataLoader worker's
-    `ru_maxrss`) in MB. Not this process's own `ru_maxrss`: Linux carries that
-    over fork and exec, so a child would report its parent's peak. A worker's
-    figure starts from its parent's size at fork (shared pages counted again)."""
-    own = None
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            own = int(line.split()[1])
-    if own is None:
-        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return own / 1024.0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+
+def _worker_peak_mb() -> float:
+    """The largest DataLoader worker's `ru_maxrss` (MB); it starts from its parent's
+    size at fork, so shared pages are counted again."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
 
 
 def _arm(args) -> dict:
@@ -99,8 +92,8 @@ def _arm(args) -> dict:
                 t = time.perf_counter()
         seconds = time.perf_counter() - t
     return {"arm": args.arm, "iters": args.iters, "seconds": seconds,
-            "it_per_s": args.iters / seconds, "cache_s": cache_s, "peak_rss_mb": _peak_rss_mb()[0],
-            "worker_peak_mb": _peak_rss_mb()[1]}
+            "it_per_s": args.iters / seconds, "cache_s": cache_s, "peak_rss_mb": peak_rss_mb(),
+            "worker_peak_mb": _worker_peak_mb()}
 
 
 class _Timed:
@@ -148,15 +141,13 @@ def main() -> int:
               f"({time.perf_counter() - t:.0f} s to write); preset {args.preset} {args.set}")
         res = {}
         for arm in ("baseline", "medseg"):
-            cmd = [sys.executable, __file__, "--arm", arm, "--datalist", str(dl), "--root", str(root),
-                   "--preset", args.preset, "--iters", str(args.iters), "--warmup", str(args.warmup),
-                   "--baseline-workers", str(args.baseline_workers),
-                   *[f"--set={s}" for s in args.set]]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                print(out.stderr[-3000:], file=sys.stderr)
+            res[arm] = run_arm(__file__, arm, "--datalist", str(dl), "--root", str(root),
+                               "--preset", args.preset, "--iters", str(args.iters),
+                               "--warmup", str(args.warmup),
+                               "--baseline-workers", str(args.baseline_workers),
+                               *[f"--set={s}" for s in args.set])
+            if res[arm] is None:
                 return 1
-            res[arm] = json.loads(out.stdout.strip().splitlines()[-1])
     b, m = res["baseline"], res["medseg"]
     print(f"{'':10}{'it/s':>8}{'s/it':>8}{'cache s':>9}{'peak RSS MB':>13}{'worker MB':>11}")
     for name, r in (("baseline", b), ("medseg", m)):

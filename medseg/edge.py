@@ -21,8 +21,8 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from medseg.data.inputs import InputCase, check_outputs
-from medseg.data.io import load_array, load_header, write_nifti
+from medseg.data.inputs import InputCase, case_headers, check_outputs
+from medseg.data.io import load_array, write_nifti
 from medseg.errors import DataError, MedsegError
 from medseg.labels import CHANNELS, regions_to_labels
 
@@ -106,20 +106,11 @@ class EdgePredictor:
 
     # -------------------------------------------------------------- steps
     def _read(self, images: Sequence[Path], channels: Sequence[str]):
-        heads = [load_header(p) for p in images]
-        for p, h in zip(images[1:], heads[1:]):
-            if h.shape[:3] != heads[0].shape[:3] or not np.allclose(h.affine, heads[0].affine, atol=1e-3):
-                raise DataError(f"{p}: grid {h.shape[:3]} does not match {images[0].name} "
-                                f"{heads[0].shape[:3]}; all modalities must share one grid")
-        if len(images) == 1:
-            arr = load_array(images[0], heads[0])
-            if arr.ndim != 4 or arr.shape[-1] != len(CHANNELS):
-                raise DataError(f"{images[0]}: expected a 4D image with 4 channels, found {arr.shape}")
-            vol = np.moveaxis(arr, -1, 0)
-        elif len(images) == len(CHANNELS):
-            vol = np.stack([load_array(p, h) for p, h in zip(images, heads)])
+        heads = case_headers(images)
+        if len(images) == 1:      # one 4D file, channels last
+            vol = np.moveaxis(load_array(images[0], heads[0]), -1, 0)
         else:
-            raise DataError(f"expected four files or one 4D file, found {len(images)}")
+            vol = np.stack([load_array(p, h) for p, h in zip(images, heads)])
         order = [list(channels).index(c) for c in CHANNELS]
         return vol[order], heads[0]
 

@@ -25,8 +25,9 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Invertd
 from torch import nn
 
+from medseg.data.inputs import case_headers
 from medseg.data.io import load_header, write_nifti
-from medseg.errors import DataError, MedsegError
+from medseg.errors import MedsegError
 from medseg.labels import CHANNELS, regions_to_labels
 from medseg.models import build_model
 from medseg.transforms import IMAGE, preprocessing
@@ -171,16 +172,7 @@ class Predictor:
         `(3, X, Y, Z)` probabilities on the grid of the first file, and that file."""
         images = [Path(p) for p in images]
         pre = self.preprocess(channels)
-        heads = [load_header(p) for p in images]   # readable NIfTI, else a DataError naming it
-        for p, h in zip(images[1:], heads[1:]):
-            if h.shape[:3] != heads[0].shape[:3] or not np.allclose(h.affine, heads[0].affine, atol=1e-3):
-                raise DataError(f"{p}: grid {h.shape[:3]} does not match {images[0].name} "
-                                f"{heads[0].shape[:3]} (shape or affine differ); all modalities of a "
-                                "case must be co-registered on one grid: resample this file onto it")
-        want = 1 if len(images) == 1 else 3
-        if len(images) not in (1, len(CHANNELS)) or len(heads[0].shape) != (4 if want == 1 else 3):
-            raise DataError(f"{images[0]}: expected four 3D files or one 4D file with 4 channels, "
-                            f"found {len(images)} file(s) of shape {heads[0].shape}")
+        case_headers(images)
         src = {IMAGE: [str(p) for p in images] if len(images) > 1 else str(images[0])}
         try:
             data = pre(src)

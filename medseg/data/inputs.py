@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from medseg.data.discover import discover
 from medseg.data.folds import load_datalist
-from medseg.data.io import is_nifti
+from medseg.data.io import is_nifti, load_header
 from medseg.errors import DataError, MedsegError
 from medseg.labels import CHANNELS
 
-__all__ = ["InputCase", "cases_from_input", "single_case", "check_outputs"]
+__all__ = ["InputCase", "cases_from_input", "single_case", "case_headers", "check_outputs"]
 
 
 @dataclass
@@ -92,3 +94,20 @@ def check_outputs(out_dir: Path, cases: Sequence[InputCase], input_root: Path | 
     if existing and not overwrite:
         raise MedsegError(f"{existing[0]} already exists ({len(existing)} of {len(targets)} outputs); "
                           "pass --overwrite to replace them, or choose another --out")
+
+
+def case_headers(images: Sequence[Path]) -> list:
+    """Headers of one case's files, checked: four co-registered 3D files or one 4D
+    file with 4 channels; otherwise a `DataError` naming the file and the fix."""
+    heads = [load_header(p) for p in images]   # readable NIfTI, else a DataError naming it
+    for p, h in zip(images[1:], heads[1:]):
+        if h.shape[:3] != heads[0].shape[:3] or not np.allclose(h.affine, heads[0].affine, atol=1e-3):
+            raise DataError(f"{p}: grid {h.shape[:3]} does not match {images[0].name} "
+                            f"{heads[0].shape[:3]} (shape or affine differ); all modalities of a "
+                            "case must be co-registered on one grid: resample this file onto it")
+    four_3d = len(images) == len(CHANNELS) and len(heads[0].shape) == 3
+    one_4d = len(images) == 1 and len(heads[0].shape) == 4 and heads[0].shape[3] == len(CHANNELS)
+    if not (four_3d or one_4d):
+        raise DataError(f"{images[0]}: expected four 3D files or one 4D file with 4 channels, "
+                        f"found {len(images)} file(s) of shape {heads[0].shape}")
+    return heads
