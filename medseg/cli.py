@@ -116,8 +116,8 @@ def _say(text: str) -> None:
 def _config(a) -> dict:
     from medseg.config import apply_overrides, load_config, resolve_config
     if a.config:
-        return apply_overrides(load_config(a.config), a.set)
-    return resolve_config(a.preset, a.set)
+        return apply_overrides(load_config(a.config, a.bundle), a.set)
+    return resolve_config(a.preset, a.set, a.bundle)
 
 
 def _cmd_train(a) -> int:
@@ -162,11 +162,17 @@ def _cmd_predict(a) -> int:
             raise MedsegError("--engine onnx takes one .onnx file as --model (see `medseg export`)")
         edge_predict_all(a.model[0], cases, a.out, root, a.convention, a.overwrite, print_fn=_say)
         return 0
+    from medseg.data.inputs import check_outputs
+    from medseg.infer import Predictor
     from medseg.predict import default_postprocessing, predict_all, resolve_checkpoints
+    out = Path(a.out)
+    # Refuse bad outputs before the models load.
+    check_outputs(out, cases, root, [out / f"{c.case_id}.nii.gz" for c in cases], a.overwrite)
     et_min = a.et_min_ml if a.et_min_ml is not None else default_postprocessing(a.model).get("et_min_ml", 0.0)
-    predict_all(resolve_checkpoints(a.model), cases, a.out, root, a.convention, a.overwrite,
-                a.device, a.overlap, a.sw_batch_size, False if a.no_amp else None, a.tta,
-                a.min_component_ml, et_min, a.probabilities, print_fn=_say)
+    predictor = Predictor(resolve_checkpoints(a.model), device=a.device, overlap=a.overlap,
+                          sw_batch_size=a.sw_batch_size, amp=False if a.no_amp else None,
+                          mirror=a.tta, min_component_ml=a.min_component_ml, et_min_ml=et_min)
+    predict_all(predictor, cases, out, root, a.convention, a.overwrite, a.probabilities, print_fn=_say)
     return 0
 
 
@@ -200,8 +206,11 @@ def _cmd_report(a) -> int:
 def _experiment_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--datalist", required=True, help="datalist JSON from `medseg data split`")
     c.add_argument("--data-root", required=True, help="folder the datalist paths are relative to")
-    c.add_argument("--preset", choices=["full", "cpu"], default="full",
-                   help="full: nnU-Net-size GPU recipe; cpu: small model that trains in minutes")
+    c.add_argument("--bundle", help="MONAI bundle folder that defines the experiment "
+                   "(default: the brats_unet3d bundle shipped with medseg)")
+    c.add_argument("--preset", default="full",
+                   help="bundle preset: full (train.json: nnU-Net-size GPU recipe) or cpu "
+                   "(configs/cpu.json: small model that trains in minutes)")
     c.add_argument("--config", help="a config.json written by an earlier run (instead of --preset)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=50 (repeatable)")

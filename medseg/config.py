@@ -1,10 +1,16 @@
-"""Experiment configuration: presets, command-line overrides, the resolved copy.
+"""Experiment configuration: values from the MONAI bundle, command-line overrides,
+the resolved copy.
 
-A config is a plain nested dict of JSON values, so that it can be written next
-to the results, stored in checkpoints (safe for `torch.load(weights_only=True)`)
-and, later, held by bundle configs. Python code reads it; it computes nothing.
+The experiment is defined by a MONAI bundle (default: ``brats_unet3d``, shipped
+in ``bundles/`` and installed as ``medseg.bundles``). Its ``configs/train.json``
+holds every value of the ``full`` recipe (seed, model, data, train, infer) and
+wires medseg's builders with ``_target_``; a preset is an overlay file next to
+it (``configs/cpu.json``). This module reads those values: it is the one place
+that turns bundle + preset + ``--set`` overrides into the plain nested dict the
+Python code consumes (written next to results, stored in checkpoints). No value
+lives here.
 
-Presets:
+Presets of the default bundle:
 
 - ``full``: the GPU recipe: nnU-Net-size `unet3d` (32…320 filters), 1 mm
   spacing, 128³ patches, batch 2, 250 iterations × 300 epochs.
@@ -22,59 +28,123 @@ from typing import Any, Iterable
 
 from medseg.errors import MedsegError
 
-__all__ = ["PRESETS", "DEFAULTS", "resolve_config", "apply_overrides", "load_config",
-           "parse_override", "config_hash"]
+__all__ = ["BUNDLE", "VALUE_KEYS", "bundle_dir", "presets", "bundle_files", "bundle_values",
+           "experiment", "resolve_config", "apply_overrides", "load_config", "parse_override",
+           "config_hash"]
 
-DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "model": {"name": "unet3d", "args": {"preset": "full"}},
-    "data": {
-        "spacing": [1.0, 1.0, 1.0],
-        "cache": "memory",        # "memory" (MONAI CacheDataset) or "disk" (PersistentDataset)
-        "num_workers": 2,
-    },
-    "train": {
-        "epochs": 300,
-        "iters_per_epoch": 250,
-        "batch_size": 2,
-        "patch": [128, 128, 128],
-        "pos_neg": [2.0, 1.0],    # tumour-centred : random patches
-        "optimizer": "sgd",       # "sgd" (Nesterov, nnU-Net) or "adamw"
-        "lr": 0.01,
-        "weight_decay": 3e-5,
-        "momentum": 0.99,
-        "schedule": "poly",       # "poly" (nnU-Net, exponent 0.9) or "cosine"
-        "warmup_epochs": 0,
-        "grad_clip": 12.0,
-        "amp": True,              # mixed precision (autocast)
-        "amp_dtype": "bfloat16",  # bfloat16 (CPU or CUDA) or float16 (CUDA, with loss scaling)
-        "channels_last": False,
-        "deep_supervision": True,
-        "val_every": 10,
-        "val_max_cases": 0,       # 0 = all validation cases
-    },
-    "infer": {
-        "overlap": 0.5,
-        "sw_batch_size": 2,
-        "blend": "gaussian",
-        "threshold": 0.5,
-    },
-}
+#: The default experiment definition.
+BUNDLE = "brats_unet3d"
+#: Top-level keys of a bundle's train config that hold the experiment's values.
+VALUE_KEYS = ("preset", "seed", "model", "data", "train", "infer")
+#: Config files of a bundle that are not presets.
+_NOT_PRESETS = {"train", "evaluate", "inference", "multi_gpu_train", "metadata"}
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "full": {},
-    "cpu": {
-        "model": {"name": "unet3d", "args": {"preset": "cpu"}},
-        # Data loading costs 20-30 ms a batch here; workers would only compete with
-        # the two cores that compute.
-        "data": {"spacing": [2.5, 2.5, 2.5], "num_workers": 0},
-        # 48³ patches: 0.22 s an iteration on 2 cores (64³: 0.7 s); 48³ at 2.5 mm = 120 mm.
-        "train": {"epochs": 40, "iters_per_epoch": 16, "patch": [48, 48, 48],
-                  "optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-4,
-                  "schedule": "cosine", "warmup_epochs": 2, "val_every": 20},
-        "infer": {"sw_batch_size": 1},
-    },
-}
+
+def bundle_dir(bundle: str | Path | None = None) -> Path:
+    """A bundle folder: None → the default bundle shipped with medseg; an existing
+    folder → that folder; otherwise the name of a bundle shipped with medseg."""
+    if bundle is not None and Path(bundle).is_dir():
+        path = Path(bundle)
+    else:
+        from importlib.resources import files
+        root = Path(str(files("medseg.bundles")))
+        path = root / str(bundle or BUNDLE)
+        if not path.is_dir():
+            shipped = sorted(p.name for p in root.iterdir() if (p / "configs" / "train.json").is_file())
+            raise MedsegError(f"bundle {bundle}: not a folder, nor a bundle shipped with medseg "
+                              f"({', '.join(shipped)}); pass the path of a MONAI bundle folder")
+    if not (path / "configs" / "train.json").is_file():
+        raise MedsegError(f"bundle {path}: no configs/train.json; expected a MONAI bundle folder "
+                          f"(configs/train.json, configs/metadata.json, ...) like bundles/{BUNDLE}")
+    return path
+
+
+def presets(bundle: str | Path | None = None) -> list[str]:
+    """Preset names of a bundle: ``full`` (train.json alone) and each overlay
+    ``configs/<name>.json`` that sets ``"preset": "<name>"``."""
+    root = bundle_dir(bundle) / "configs"
+    names = ["full"]
+    for f in sorted(root.glob("*.json")):
+        if f.stem not in _NOT_PRESETS:
+            names.append(f.stem)
+    return names
+
+
+def bundle_files(preset: str = "full", bundle: str | Path | None = None) -> list[Path]:
+    """The config files that define `preset`: ``train.json`` [+ ``<preset>.json``]."""
+    root = bundle_dir(bundle)
+    known = presets(root)
+    if preset not in known:
+        raise MedsegError(f"unknown preset {preset!r} for bundle {root}; expected one of "
+                          f"{', '.join(known)} (a preset is configs/<name>.json in the bundle)")
+    files = [root / "configs" / "train.json"]
+    if preset != "full":
+        files.append(root / "configs" / f"{preset}.json")
+    return files
+
+
+def bundle_values(preset: str = "full", bundle: str | Path | None = None) -> dict:
+    """The experiment values (`VALUE_KEYS`) of a bundle preset, as MONAI merges them."""
+    from monai.bundle import ConfigParser
+    files = bundle_files(preset, bundle)
+    parser = ConfigParser()
+    try:
+        parser.read_config([str(f) for f in files])
+        values = {k: copy.deepcopy(parser.get_parsed_content(k, instantiate=False))
+                  for k in VALUE_KEYS if k in parser}
+    except (ValueError, KeyError, OSError) as exc:
+        raise MedsegError(f"bundle config {', '.join(map(str, files))}: could not read the experiment "
+                          f"values ({exc})") from None
+    missing = [k for k in VALUE_KEYS if k not in values]
+    if missing:
+        raise MedsegError(f"bundle config {files[0]}: missing top-level values {missing}; a medseg "
+                          f"bundle's train.json sets {', '.join(VALUE_KEYS)}")
+    if values["preset"] != preset:
+        raise MedsegError(f"{files[-1]}: sets preset {values['preset']!r}, expected {preset!r} "
+                          "(a preset file must name itself)")
+    return experiment(**values)
+
+
+def _keys(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        out.add(prefix + k)
+        if isinstance(v, dict) and k != "args":
+            out |= _keys(v, prefix + k + ".")
+    return out
+
+
+def experiment(preset: str, seed: int, model: dict, data: dict, train: dict, infer: dict) -> dict:
+    """The experiment dict that training consumes, checked against the default
+    bundle's keys: a misspelt or missing key is an error, never a silent default.
+    The bundle's ``experiment`` entry calls this."""
+    cfg = {"preset": preset, "seed": seed, "model": model, "data": data, "train": train,
+           "infer": infer}
+    ref = _reference_keys()
+    have = _keys(cfg)
+    unknown, missing = sorted(have - ref), sorted(ref - have)
+    if unknown or missing:
+        raise MedsegError(
+            "experiment values do not match the bundle schema: "
+            + (f"unknown keys {unknown} (misspelt?)" if unknown else "")
+            + ("; " if unknown and missing else "")
+            + (f"missing keys {missing}" if missing else "")
+            + f"; valid keys: {', '.join(sorted(ref))}")
+    if not isinstance(model.get("name"), str) or not isinstance(model.get("args"), dict):
+        raise MedsegError(f"model {model!r}: expected {{'name': str, 'args': {{...}}}}")
+    return copy.deepcopy(cfg)
+
+
+_REF: set[str] | None = None
+
+
+def _reference_keys() -> set[str]:
+    """Key paths of the default bundle's values (``model.args`` is free-form)."""
+    global _REF
+    if _REF is None:
+        raw = json.loads((bundle_dir(None) / "configs" / "train.json").read_text())
+        _REF = _keys({k: raw[k] for k in VALUE_KEYS})
+    return _REF
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -99,19 +169,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def resolve_config(preset: str = "full", overrides: Iterable[str] | dict | None = None) -> dict:
-    """DEFAULTS ← PRESETS[preset] ← overrides (``"a.b=value"`` strings or a nested dict).
+def resolve_config(preset: str = "full", overrides: Iterable[str] | dict | None = None,
+                   bundle: str | Path | None = None) -> dict:
+    """Bundle values of `preset` ← overrides (``"a.b=value"`` strings or a nested dict).
 
     An override of a key that does not exist is an error listing the valid keys
     (a typo must not silently train with the default).
     """
-    if preset not in PRESETS:
-        raise MedsegError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
-    cfg = _merge(DEFAULTS, PRESETS[preset])
-    cfg["preset"] = preset
+    cfg = bundle_values(preset, bundle)
     if isinstance(overrides, dict):
-        return _merge(cfg, overrides)
-    return apply_overrides(cfg, overrides or ())
+        return experiment(**_merge(cfg, overrides))
+    return experiment(**apply_overrides(cfg, overrides or ()))
 
 
 def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
@@ -134,20 +202,20 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
     return cfg
 
 
-def load_config(path: str | Path) -> dict:
+def load_config(path: str | Path, bundle: str | Path | None = None) -> dict:
     """A ``config.json`` written by a medseg run → the full config (missing keys from
-    its preset's defaults)."""
+    its preset in the bundle)."""
     try:
         base = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise MedsegError(f"config {path}: not a readable JSON file ({exc})") from None
-    if not isinstance(base, dict) or base.get("preset") not in PRESETS:
-        raise MedsegError(f"config {path}: not a medseg config (expected a 'preset' key, one of "
-                          f"{', '.join(PRESETS)}); use a config.json written by `medseg train`/`cv`")
-    unknown = sorted(set(base) - set(DEFAULTS) - {"preset"})
+    if not isinstance(base, dict) or not isinstance(base.get("preset"), str):
+        raise MedsegError(f"config {path}: not a medseg config (expected a 'preset' key); use a "
+                          "config.json written by `medseg train`/`cv`")
+    unknown = sorted(set(base) - set(VALUE_KEYS))
     if unknown:
-        raise MedsegError(f"config {path}: unknown keys {unknown}; valid: {sorted(DEFAULTS)}")
-    return resolve_config(base["preset"], {k: v for k, v in base.items() if k != "preset"})
+        raise MedsegError(f"config {path}: unknown keys {unknown}; valid: {list(VALUE_KEYS)}")
+    return resolve_config(base["preset"], {k: v for k, v in base.items() if k != "preset"}, bundle)
 
 
 def config_hash(obj: Any) -> str:

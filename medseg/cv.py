@@ -36,7 +36,7 @@ from medseg.infer import Predictor, predict_case
 from medseg.labels import REGIONS
 from medseg.train import CHECKPOINT_DIR, fold_data, train_fold
 
-__all__ = ["run_cv", "format_summary"]
+__all__ = ["run_cv", "evaluate_fold", "format_summary", "choose_et_threshold"]
 
 
 def _train_folds_parallel(folds: list[int], devices: Sequence[str], cfg_path: Path, datalist, data_root,
@@ -67,23 +67,40 @@ def _train_folds_parallel(folds: list[int], devices: Sequence[str], cfg_path: Pa
                                       f"see {out_dir / f'fold_{k}' / 'train.log'}")
 
 
-def _predict_fold(k: int, datalist, data_root, out_dir: Path, device, print_fn) -> list[dict]:
-    fold_dir = out_dir / f"fold_{k}"
+def evaluate_fold(fold: int, datalist: str | Path, data_root: str | Path, fold_dir: str | Path,
+                  checkpoint: str | Path | None = None, device: str | None = None,
+                  print_fn: Callable[[str], None] = print) -> list[dict]:
+    """Predict the held-out cases of `fold` with `checkpoint` (default: the fold's
+    ``checkpoints/final.pt``) onto their own grids and score them: writes
+    ``predictions/<case>.nii.gz``, ``metrics.csv`` and ``summary.json`` in `fold_dir`;
+    returns the metric rows. Results newer than the checkpoint are reused (a resumed
+    cross-validation); a newer checkpoint is evaluated afresh."""
+    fold_dir = Path(fold_dir)
+    ckpt = Path(checkpoint) if checkpoint else fold_dir / CHECKPOINT_DIR / "final.pt"
+    if not ckpt.is_file():
+        raise MedsegError(f"fold {fold}: no checkpoint {ckpt}; train the fold first (`medseg train "
+                          f"--fold {fold}` or the bundle's `run training --fold {fold}`)")
+    stamp = ckpt.stat().st_mtime
     metrics_csv = fold_dir / "metrics.csv"
-    if metrics_csv.exists():
+    if metrics_csv.exists() and metrics_csv.stat().st_mtime >= stamp:
         return read_rows(metrics_csv)
-    data = fold_data(datalist, data_root, k)
-    predictor = Predictor([fold_dir / CHECKPOINT_DIR / "final.pt"], device=device)
+    data = fold_data(datalist, data_root, fold)
+    if not data.val:
+        raise MedsegError(f"fold {fold}: {datalist} has no cases in this fold to evaluate")
+    predictor = Predictor([ckpt], device=device)
     rows = []
     for case in data.val:
         target = fold_dir / "predictions" / f"{case['id']}.nii.gz"
-        if not target.exists():   # written atomically: an existing mask is complete
+        # Written atomically: an existing mask newer than the checkpoint is complete.
+        if not (target.exists() and target.stat().st_mtime >= stamp):
             images = case["image"] if isinstance(case["image"], list) else [case["image"]]
             predict_case(predictor, images, data.convention, target, data.channels)
-        rows += metric_rows(case["id"], evaluate_case(target, case["label"], data.convention), fold=k)
+        rows += metric_rows(case["id"], evaluate_case(target, case["label"], data.convention), fold=fold)
     write_rows(rows, metrics_csv)
-    dice = {r: sum(x["dice"] for x in rows if x["region"] == r) / max(1, len(data.val)) for r in REGIONS}
-    print_fn(f"fold {k}: {len(data.val)} held-out cases predicted; Dice "
+    write_json({"fold": fold, "checkpoint": str(ckpt), "cases": len(data.val),
+                "overall": summarize(rows)}, fold_dir / "summary.json")
+    dice = {r: sum(x["dice"] for x in rows if x["region"] == r) / len(data.val) for r in REGIONS}
+    print_fn(f"fold {fold}: {len(data.val)} held-out cases predicted; Dice "
              + "  ".join(f"{r} {dice[r]:.3f}" for r in REGIONS))
     return rows
 
@@ -152,7 +169,8 @@ def run_cv(cfg: dict, datalist: str | Path, data_root: str | Path, out_dir: str 
 
     rows = []
     for k in todo:
-        rows += _predict_fold(k, datalist, data_root, out_dir, device, print_fn)
+        rows += evaluate_fold(k, datalist, data_root, out_dir / f"fold_{k}", device=device,
+                              print_fn=print_fn)
     write_rows(rows, out_dir / "cv_metrics.csv")
     summary = {
         "datalist": str(datalist), "folds": todo, "num_folds": k_total,

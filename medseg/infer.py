@@ -29,11 +29,11 @@ from medseg.data.inputs import case_headers
 from medseg.data.io import load_header, write_nifti
 from medseg.errors import MedsegError
 from medseg.labels import CHANNELS, regions_to_labels
-from medseg.models import build_model
+from medseg.models import network_from_spec
 from medseg.transforms import IMAGE, preprocessing
 
-__all__ = ["autocast", "predict_probs", "load_model", "postprocess", "Predictor", "predict_case",
-           "write_mask"]
+__all__ = ["autocast", "predict_probs", "load_model", "checkpoint_network", "postprocess", "Predictor",
+           "predict_case", "write_mask"]
 
 
 def autocast(device: torch.device, enabled: bool, dtype: str = "bfloat16"):
@@ -120,13 +120,18 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
         raise MedsegError(f"{path}: not a medseg checkpoint (no 'model'/'meta' entries)")
     meta = ckpt["meta"]
     spec = meta["network"]
-    model = build_model(spec["name"], **{**spec["args"], **({"deep_supervision": False}
-                                                           if spec["name"] == "unet3d" else {})})
+    model = network_from_spec(spec)
     state = {k: v for k, v in ckpt["model"].items() if not k.startswith("deep_supervision_heads")}
     missing, _ = model.load_state_dict(state, strict=False)
     if missing:
         raise MedsegError(f"{path}: checkpoint does not match network {spec}: missing {missing[:3]}")
     return model.to(device).eval(), meta
+
+
+def checkpoint_network(path: str | Path) -> nn.Module:
+    """The trained network of a medseg checkpoint, on the CPU in eval mode, without
+    deep-supervision heads (the bundle's ``network_def`` for inference and export)."""
+    return load_model(path)[0]
 
 
 class Predictor:

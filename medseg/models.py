@@ -18,7 +18,7 @@ from torch import nn
 from medseg.errors import MedsegError
 from medseg.labels import CHANNELS, REGIONS
 
-__all__ = ["UNET3D_FILTERS", "MODELS", "build_model", "size_divisor"]
+__all__ = ["UNET3D_FILTERS", "MODELS", "build_model", "network_from_spec", "size_divisor"]
 
 #: Filters per resolution level of `unet3d`, per preset (levels - 1 = downsamplings).
 UNET3D_FILTERS: dict[str, tuple[int, ...]] = {
@@ -74,6 +74,13 @@ def build_model(name: str = "unet3d", **kwargs) -> nn.Module:
         return MODELS[name](**kwargs)
     except TypeError as exc:
         raise MedsegError(f"model {name!r}: bad arguments {sorted(kwargs)} ({exc})") from None
+
+
+def network_from_spec(spec: dict, deep_supervision: bool = False) -> nn.Module:
+    """``{"name": ..., "args": {...}}`` (an experiment's ``model``, a checkpoint's
+    ``network``) → the network; deep-supervision heads only when asked (unet3d)."""
+    extra = {"deep_supervision": deep_supervision} if spec["name"] == "unet3d" else {}
+    return build_model(spec["name"], **{**spec["args"], **extra})
 
 
 def size_divisor(name: str = "unet3d", **kwargs) -> int:

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from medseg.data.inputs import InputCase, check_outputs
+from medseg.data.inputs import InputCase, cases_from_input, check_outputs
 from medseg.errors import MedsegError
 from medseg.infer import Predictor, predict_case
 
-__all__ = ["resolve_checkpoints", "default_postprocessing", "predict_all"]
+__all__ = ["resolve_checkpoints", "default_postprocessing", "predict_all", "predict_input"]
 
 
 def resolve_checkpoints(model: Sequence[str | Path]) -> list[Path]:
@@ -48,20 +48,14 @@ def default_postprocessing(model: Sequence[str | Path]) -> dict:
     return {}
 
 
-def predict_all(checkpoints: Sequence[Path], cases: list[InputCase], out_dir: str | Path,
+def predict_all(predictor: Predictor, cases: list[InputCase], out_dir: str | Path,
                 input_root: Path | None, convention: str | None = None, overwrite: bool = False,
-                device: str | None = None, overlap: float | None = None,
-                sw_batch_size: int | None = None, amp: bool | None = None, mirror: bool = False,
-                min_component_ml: float = 0.0, et_min_ml: float = 0.0, probabilities: bool = False,
-                print_fn: Callable[[str], None] = print) -> list[Path]:
+                probabilities: bool = False, print_fn: Callable[[str], None] = print) -> list[Path]:
     """Predict every case into ``out_dir/<case_id>.nii.gz``; returns the written paths."""
     out_dir = Path(out_dir)
     targets = [out_dir / f"{c.case_id}.nii.gz" for c in cases]
     probs = [out_dir / "probabilities" / f"{c.case_id}.nii.gz" for c in cases]
     check_outputs(out_dir, cases, input_root, targets + (probs if probabilities else []), overwrite)
-    predictor = Predictor(checkpoints, device=device, overlap=overlap, sw_batch_size=sw_batch_size,
-                          amp=amp, mirror=mirror, min_component_ml=min_component_ml,
-                          et_min_ml=et_min_ml)
     conv = convention or predictor.meta["label_convention"]
     t0 = time.perf_counter()
     for i, (case, target) in enumerate(zip(cases, targets), 1):
@@ -70,6 +64,17 @@ def predict_all(checkpoints: Sequence[Path], cases: list[InputCase], out_dir: st
                      probs[i - 1] if probabilities else None)
         print_fn(f"[{i}/{len(cases)}] {case.case_id} → {target} ({time.perf_counter() - t:.1f} s)")
     print_fn(f"{len(cases)} masks in {time.perf_counter() - t0:.1f} s; labels {conv}, "
-             f"{len(checkpoints)} model(s){', mirror TTA' if mirror else ''}; post-processing: "
-             f"components < {min_component_ml} mL removed, ET < {et_min_ml} mL → necrosis")
+             f"{len(predictor.models)} model(s){', mirror TTA' if predictor.mirror else ''}; "
+             f"post-processing: components < {predictor.min_component_ml} mL removed, "
+             f"ET < {predictor.et_min_ml} mL → necrosis")
     return targets
+
+
+def predict_input(predictor: Predictor, input: str | Path, out_dir: str | Path,
+                  data_root: str | Path | None = None, convention: str | None = None,
+                  overwrite: bool = False, probabilities: bool = False,
+                  print_fn: Callable[[str], None] = print) -> list[Path]:
+    """Every case of a data folder (any supported layout) or of a datalist (paths
+    relative to `data_root`) → masks in `out_dir` (the bundle's ``inferring``)."""
+    cases, root = cases_from_input(input, data_root)
+    return predict_all(predictor, cases, out_dir, root, convention, overwrite, probabilities, print_fn)

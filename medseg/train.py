@@ -48,10 +48,11 @@ from medseg.infer import autocast, predict_probs
 from medseg.labels import CHANNELS, REGIONS
 from medseg.losses import build_loss
 from medseg.metrics import case_metrics
-from medseg.models import build_model, size_divisor
+from medseg.models import network_from_spec, size_divisor
 from medseg.transforms import IMAGE, LABEL, preprocessing, train_augmentation
 
-__all__ = ["FoldData", "fold_data", "train_fold", "lr_factor", "CHECKPOINT_DIR"]
+__all__ = ["FoldData", "fold_data", "train_fold", "lr_factor", "CHECKPOINT_DIR", "build_network",
+           "build_criterion", "build_transforms", "build_optimizer", "deep_supervised"]
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -112,6 +113,47 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# ----------------------------------------------------------------------------- components
+# The experiment's values → its components. Training calls these, and the bundle's
+# ``network_def``/``loss``/``*_transforms`` entries point at them, so each component
+# is built in one place.
+def deep_supervised(cfg: dict) -> bool:
+    """Whether training uses deep supervision (unet3d heads, ``train.deep_supervision``)."""
+    return cfg["model"]["name"] == "unet3d" and bool(cfg["train"]["deep_supervision"])
+
+
+def build_network(cfg: dict, training: bool = False) -> nn.Module:
+    """The experiment's network; with `training`, with its deep-supervision heads."""
+    return network_from_spec(cfg["model"], deep_supervision=training and deep_supervised(cfg))
+
+
+def build_criterion(cfg: dict) -> nn.Module:
+    """Region Dice + binary cross-entropy, over the deep-supervision outputs when used."""
+    return build_loss(deep_supervision=deep_supervised(cfg))
+
+
+def build_transforms(cfg: dict, channels, convention: str, training: bool = True) -> Compose:
+    """Preprocessing (images in `channels` order, labels in `convention`) at the
+    experiment's spacing; with `training`, followed by patch sampling and augmentation."""
+    pre = preprocessing(channels, convention, cfg["data"]["spacing"])
+    if not training:
+        return pre
+    aug = train_augmentation(cfg["train"]["patch"], *cfg["train"]["pos_neg"])
+    return Compose([*pre.transforms, *aug.transforms])
+
+
+def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum (nnU-Net) or AdamW, from ``train`` values."""
+    tcfg = cfg["train"]
+    name = tcfg["optimizer"]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=tcfg["lr"], momentum=tcfg["momentum"], nesterov=True,
+                               weight_decay=tcfg["weight_decay"])
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+    raise MedsegError(f"unknown optimizer {name!r}; expected 'sgd' or 'adamw'")
+
+
 # ----------------------------------------------------------------------------- schedule
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """LR multiplier at iteration `step`: linear warm-up over `warmup` steps, then
@@ -124,16 +166,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     if schedule == "poly":
         return (1.0 - t) ** 0.9
     raise MedsegError(f"unknown schedule {schedule!r}; expected 'cosine' or 'poly'")
-
-
-def _optimizer(params, tcfg: dict) -> torch.optim.Optimizer:
-    name = tcfg["optimizer"]
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=tcfg["lr"], momentum=tcfg["momentum"], nesterov=True,
-                               weight_decay=tcfg["weight_decay"])
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
-    raise MedsegError(f"unknown optimizer {name!r}; expected 'sgd' or 'adamw'")
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -261,9 +293,8 @@ def _progress(total: int, desc: str, enabled: bool):
 # ----------------------------------------------------------------------------- steps
 def _datasets(data: FoldData, cfg: dict, cache_dir: Path | None):
     spacing = cfg["data"]["spacing"]
-    pre = preprocessing(data.channels, data.convention, spacing)
-    aug = train_augmentation(cfg["train"]["patch"], *cfg["train"]["pos_neg"])
-    train_tf = Compose([*pre.transforms, *aug.transforms])
+    pre = build_transforms(cfg, data.channels, data.convention, training=False)
+    train_tf = build_transforms(cfg, data.channels, data.convention, training=True)
     workers = cfg["data"]["num_workers"]
     if cfg["data"]["cache"] == "disk":
         if cache_dir is None:
@@ -349,9 +380,18 @@ def validate(model: nn.Module, val_ds, cfg: dict, device: torch.device) -> dict[
 # ----------------------------------------------------------------------------- the loop
 def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int | None,
                out_dir: str | Path, resume: bool = False, device: str | None = None,
-               print_fn: Callable[[str], None] = print, cache_dir: str | Path | None = None) -> dict:
-    """Train one fold; returns the summary also written to ``train_summary.json``."""
+               print_fn: Callable[[str], None] = print, cache_dir: str | Path | None = None,
+               distributed: bool | None = None) -> dict:
+    """Train one fold; returns the summary also written to ``train_summary.json``.
+
+    Under `torchrun` (``WORLD_SIZE`` > 1) training is distributed; `distributed=True`
+    (the bundle's multi_gpu_train.json) makes a launch without torchrun an error
+    instead of a silent single-process run."""
     out_dir = Path(out_dir)
+    if distributed and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise MedsegError("distributed training was requested (multi_gpu_train.json) but this process "
+                          "was not started by torchrun; run: torchrun --nproc_per_node N -m monai.bundle "
+                          "run training --config_file \"['.../train.json','.../multi_gpu_train.json']\" ...")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dd = _setup_distributed(dev)
     if dev.type == "cuda" and dd.world > 1:
@@ -376,18 +416,17 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
     train_ds, val_ds = _datasets(data, cfg, Path(cache_dir) if cache_dir else out_dir / "cache")
 
     net = cfg["model"]
-    deep_sup = net["name"] == "unet3d" and tcfg["deep_supervision"]
-    args = dict(net["args"], **({"deep_supervision": deep_sup} if net["name"] == "unet3d" else {}))
+    deep_sup = deep_supervised(cfg)
     _seed_all(seed)
-    model = build_model(net["name"], **args).to(dev)
+    model = build_network(cfg, training=True).to(dev)
     if tcfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last_3d)
     train_model = model
     if dd.world > 1:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    loss_fn = build_loss(deep_supervision=deep_sup)
-    opt = _optimizer(model.parameters(), tcfg)
+    loss_fn = build_criterion(cfg)
+    opt = build_optimizer(model.parameters(), cfg)
     total_steps = tcfg["epochs"] * tcfg["iters_per_epoch"]
     warmup = tcfg["warmup_epochs"] * tcfg["iters_per_epoch"]
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -479,7 +518,10 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
                "train_cases": len(data.train), "val_cases": len(data.val), "world_size": dd.world}
     if dd.main:
         final = torch.load(last, map_location="cpu", weights_only=True)
-        _save({"model": final["model"], "meta": meta, "config": cfg, "epoch": final["epoch"]},
+        # The inference network: without the deep-supervision heads, so the weights
+        # load strictly into `build_network(cfg)` (the bundle's network_def).
+        weights = {k: v for k, v in final["model"].items() if not k.startswith("deep_supervision_heads")}
+        _save({"model": weights, "meta": meta, "config": cfg, "epoch": final["epoch"]},
               ckpt_dir / "final.pt")
         write_json(summary, out_dir / "train_summary.json")
         if tb is not None:
