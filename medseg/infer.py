@@ -110,7 +110,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
     path = Path(path)
     if not path.is_file():
         raise MedsegError(f"{path}: checkpoint not found; expected a .pt file written by "
-                          "`medseg train` (runs/<exp>/fold_<k>/checkpoints/best.pt)")
+                          "`medseg train` (runs/<exp>/fold_<k>/checkpoints/final.pt); with the "
+                          "bundle's inference.json, pass it as --ckpt_path")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user

@@ -82,8 +82,8 @@ def fold_data(datalist: str | Path, data_root: str | Path, fold: int | None) -> 
     dl = load_datalist(datalist)
     root = Path(data_root)
     if not root.is_dir():
-        raise MedsegError(f"data root {root} is not a folder; pass --data-root, the folder the "
-                          f"datalist {datalist} paths are relative to")
+        raise MedsegError(f"data root {root} is not a folder; pass --data-root (bundle: --data_root), "
+                          f"the folder the datalist {datalist} paths are relative to")
     k = dl["num_folds"]
     if fold is not None and not 0 <= fold < k:
         raise MedsegError(f"fold {fold} does not exist in {datalist}: it has folds 0..{k - 1}")
@@ -92,7 +92,8 @@ def fold_data(datalist: str | Path, data_root: str | Path, fold: int | None) -> 
     probe = root / (first[0] if isinstance(first, list) else first) if first else None
     if probe is not None and not probe.exists():
         raise MedsegError(f"{probe} not found: the datalist {datalist} paths are relative to the "
-                          f"data root; pass --data-root with the folder that holds {entries[0]['id']}")
+                          f"data root; pass --data-root (bundle: --data_root) with the folder that holds "
+                          f"{entries[0]['id']}")
     train = [_abs(e, root) for e in entries if e["fold"] != fold]
     val = [_abs(e, root) for e in entries if e["fold"] == fold]
     return FoldData(train, val, list(dl["channels"]), dl["label_convention"]["name"], Path(datalist))
