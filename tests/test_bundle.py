@@ -333,3 +333,52 @@ def test_bundle_ships_inside_the_package(tmp_path):
             name = "medseg/bundles/" + f.relative_to(BUNDLE.parent).as_posix()
             assert name in names, name
             assert z.read(name) == f.read_bytes(), name
+
+
+# ----------------------------------------------------------------------------- the bundle README
+def readme_commands() -> list[str]:
+    """The shell commands of the bundle README's code block, continuation lines joined."""
+    text = (BUNDLE / "docs" / "README.md").read_text()
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    joined = block.replace("\\\n", " ")
+    cmds = []
+    for line in joined.splitlines():
+        line = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""
+        if line:
+            cmds.append(" ".join(line.split()))
+    return cmds
+
+
+def test_bundle_readme_commands_run_as_documented(tiny, tmp_path):
+    """Each command of docs/README.md, run as written (paths pointed at the tiny
+    data, tiny training values appended): every one exits 0 and leaves its output."""
+    import shlex
+    base, root = tiny
+    cmds = readme_commands()
+    kinds = {"run training": 0, "run evaluating": 0, "run inferring": 0, "torchrun": 0,
+             "ckpt_export": 0, "medseg export": 0}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    for cmd in cmds:
+        if cmd.startswith("B="):
+            continue
+        if cmd.startswith("medseg demo"):
+            continue   # the demo data: here the tiny dataset stands in for it
+        line = (cmd.replace("$B", str(BUNDLE)).replace("demo_data/brats2023", str(root))
+                .replace("data_lists/demo_brats2023.json", str(base / "split.json")))
+        args = shlex.split(line)
+        if "training" in args:
+            args += bundle_overrides(TINY_TRAIN)
+        r = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, f"{line}\n{r.stderr[-3000:]}"
+        for k in kinds:
+            if k in line:
+                kinds[k] += 1
+    assert all(kinds.values()), kinds
+    run = tmp_path / "runs" / "bundle"
+    assert (run / "fold_0" / "train_summary.json").is_file()
+    assert (run / "fold_0" / "summary.json").is_file()
+    assert len(list((run / "masks").glob("*.nii.gz"))) == 6
+    assert (tmp_path / "runs" / "brats_unet3d" / "fold_0" / "train_summary.json").is_file()
+    assert json.loads((tmp_path / "runs" / "brats_unet3d" / "fold_0" / "train_summary.json")
+                      .read_text())["world_size"] == 2
+    assert (run / "model.ts").is_file() and (run / "model.onnx").is_file()
