@@ -114,10 +114,15 @@ def _say(text: str) -> None:
 
 
 def _config(a) -> dict:
-    from medseg.config import apply_overrides, load_config, resolve_config
+    from medseg.config import apply_overrides, bundle_files, load_config, resolve_config
     if a.config:
-        return apply_overrides(load_config(a.config, a.bundle), a.set)
-    return resolve_config(a.preset, a.set, a.bundle)
+        cfg = apply_overrides(load_config(a.config, a.bundle), a.set)
+        source = f"{a.config}"
+    else:
+        cfg = resolve_config(a.preset, a.set, a.bundle)
+        source = " + ".join(str(f) for f in bundle_files(a.preset, a.bundle))
+    _say(f"experiment: {source}" + (f" with {len(a.set)} override(s)" if a.set else ""))
+    return cfg
 
 
 def _cmd_train(a) -> int:
