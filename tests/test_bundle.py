@@ -378,6 +378,9 @@ def test_bundle_readme_commands_run_as_documented(tiny, tmp_path):
     assert (run / "fold_0" / "train_summary.json").is_file()
     assert (run / "fold_0" / "summary.json").is_file()
     assert len(list((run / "masks").glob("*.nii.gz"))) == 6
+    assert (tmp_path / "runs" / "bundle_full" / "fold_1" / "train_summary.json").is_file()
+    full = json.loads((tmp_path / "runs" / "bundle_full" / "fold_1" / "config.json").read_text())
+    assert full["preset"] == "full" and full["train"]["optimizer"] == "sgd"
     assert (tmp_path / "runs" / "brats_unet3d" / "fold_0" / "train_summary.json").is_file()
     assert json.loads((tmp_path / "runs" / "brats_unet3d" / "fold_0" / "train_summary.json")
                       .read_text())["world_size"] == 2
