@@ -110,8 +110,9 @@ def test_train_configs_parse_and_instantiate(files, split):
     patch = patch[0] if isinstance(patch, list) else patch
     assert list(patch["image"].shape[1:]) == cfg["train"]["patch"]
     for key in ("training", "evaluating"):
-        if key in parser:   # referenced components exist (a typo'd reference fails here)
-            assert parser.ref_resolver.find_refs_in_config(parser[key], key) is not None
+        if key in parser:   # every id the run entry refers to exists (a typo'd reference fails here)
+            refs = parser.ref_resolver.find_refs_in_config(parser[key], key)
+            assert refs and all(ref in parser for ref in refs), refs
 
 
 def test_inference_config_parses_and_instantiates(tiny):
@@ -329,6 +330,7 @@ def test_bundle_ships_inside_the_package(tmp_path):
     wheel = next(tmp_path.glob("medseg-*.whl"))
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
+        assert "medseg/bundles/__init__.py" in names     # importable: medseg.config.bundle_dir() finds it
         for f in sorted(p for p in BUNDLE.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
             name = "medseg/bundles/" + f.relative_to(BUNDLE.parent).as_posix()
             assert name in names, name
