@@ -203,8 +203,8 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
 
 
 def load_config(path: str | Path, bundle: str | Path | None = None) -> dict:
-    """A ``config.json`` written by a medseg run → the full config (missing keys from
-    its preset in the bundle)."""
+    """A ``config.json`` written by a medseg run → the full config (a partial one gets
+    its missing keys from its preset in the bundle)."""
     try:
         base = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -215,6 +215,10 @@ def load_config(path: str | Path, bundle: str | Path | None = None) -> dict:
     unknown = sorted(set(base) - set(VALUE_KEYS))
     if unknown:
         raise MedsegError(f"config {path}: unknown keys {unknown}; valid: {list(VALUE_KEYS)}")
+    if set(base) == set(VALUE_KEYS):
+        # Complete (as every run writes it): the values stand on their own, whatever
+        # bundle and preset produced them.
+        return experiment(**base)
     return resolve_config(base["preset"], {k: v for k, v in base.items() if k != "preset"}, bundle)
 
 

@@ -387,3 +387,18 @@ def test_bundle_readme_commands_run_as_documented(tiny, tmp_path):
     assert json.loads((tmp_path / "runs" / "brats_unet3d" / "fold_0" / "train_summary.json")
                       .read_text())["world_size"] == 2
     assert (run / "model.ts").is_file() and (run / "model.onnx").is_file()
+
+
+def test_written_config_of_a_custom_preset_reloads(tmp_path):
+    """`--config run/config.json` (and `cv --devices`, which relaunches folds with it)
+    works for a run made from another bundle's own preset."""
+    from medseg.config import load_config
+    copy = tmp_path / "my_bundle"
+    shutil.copytree(BUNDLE, copy)
+    (copy / "configs" / "small.json").write_text(json.dumps({"preset": "small", "train#epochs": 3}))
+    cfg = resolve_config("small", bundle=copy)
+    assert cfg["train"]["epochs"] == 3 and presets(copy) == ["full", "cpu", "small"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_config(tmp_path / "config.json") == cfg
+    (tmp_path / "partial.json").write_text(json.dumps({"preset": "cpu", "seed": 3}))
+    assert load_config(tmp_path / "partial.json") == resolve_config("cpu", ["seed=3"])
