@@ -3,6 +3,7 @@ peak memory is its own."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
@@ -27,3 +28,50 @@ def run_arm(script: str, arm: str, *args: str) -> dict | None:
         print(f"{arm} failed:\n{r.stderr[-3000:]}", file=sys.stderr)
         return None
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+REPO = Path(__file__).resolve().parents[1]
+#: The weights `make demo` trains: the default of the inference benchmarks.
+DEMO_CHECKPOINT = REPO / "runs/demo_cpu/fold_0/checkpoints/final.pt"
+
+
+def case_benchmark_args(description: str, arms) -> argparse.Namespace:
+    """Arguments of an inference benchmark over BraTS-size cases. The parent run
+    takes --checkpoint and --cases; a child (--arm) also gets the case list and the
+    folder to save its masks in. The parent exits 2 when the checkpoint is missing."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT))
+    p.add_argument("--cases", type=int, default=2)
+    p.add_argument("--arm", choices=list(arms), help=argparse.SUPPRESS)
+    p.add_argument("--cases-json", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if not args.arm and not Path(args.checkpoint).is_file():
+        print(f"{args.checkpoint} not found: run `make demo` first, or pass --checkpoint", file=sys.stderr)
+        sys.exit(2)
+    return args
+
+
+def brats_size_cases(tmp: str | Path, n: int):
+    """`n` synthetic BraTS-size cases (4×240×240×155, 1 mm, RAS) under `tmp`/data →
+    (their `discover` cases, per case the list of its image files)."""
+    from medseg.data.discover import discover
+    from medseg.data.synth import synthesize
+    root = Path(tmp) / "data"
+    synthesize(root, n, "brats2023", 7, (240, 240, 155), geometry_variation=False)
+    found = discover(root).cases
+    return found, [[str(f) for f in c.images] for c in found]
+
+
+def run_case_arm(script: str, arm: str, args, cases, tmp) -> dict | None:
+    """One arm of an inference benchmark in its own process (masks saved in `tmp`)."""
+    return run_arm(script, arm, "--checkpoint", args.checkpoint, "--cases-json", json.dumps(cases),
+                   "--out", str(tmp))
+
+
+def saved_regions(tmp, arm: str, n: int) -> list:
+    """The masks an arm saved, as (3, X, Y, Z) TC/WT/ET region arrays."""
+    import numpy as np
+
+    from medseg.labels import labels_to_regions
+    return [labels_to_regions(np.load(Path(tmp) / f"{arm}_{i}.npy"), "brats2023") for i in range(n)]

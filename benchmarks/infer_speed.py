@@ -21,16 +21,14 @@ Nothing is asserted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import peak_rss_mb, run_arm  # noqa: E402  (benchmarks/ is the script's folder)
-
-REPO = Path(__file__).resolve().parents[1]
+from _common import (brats_size_cases, case_benchmark_args, peak_rss_mb,  # noqa: E402
+                     run_case_arm, saved_regions)  # (benchmarks/ is the script's folder)
 
 
 def matmul_peak_gflops(dtype_name: str, n: int = 2048, reps: int = 10) -> float:
@@ -119,43 +117,27 @@ def _arm(args) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default=str(REPO / "runs/demo_cpu/fold_0/checkpoints/final.pt"))
-    p.add_argument("--cases", type=int, default=2)
-    p.add_argument("--arm", choices=["medseg", "medseg_fp32", "baseline"], help=argparse.SUPPRESS)
-    p.add_argument("--cases-json", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = case_benchmark_args(__doc__.split("\n")[0], ("medseg", "medseg_fp32", "baseline"))
     if args.arm:
         print(json.dumps(_arm(args)))
         return 0
-    if not Path(args.checkpoint).is_file():
-        print(f"{args.checkpoint} not found: run `make demo` first, or pass --checkpoint", file=sys.stderr)
-        return 2
 
     import nibabel as nib
     import numpy as np
 
-    from medseg.data.discover import discover
-    from medseg.data.synth import synthesize
     from medseg.labels import labels_to_regions
     from medseg.metrics import dice
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "data"
-        synthesize(root, args.cases, "brats2023", 7, (240, 240, 155), geometry_variation=False)
-        cases = [[str(f) for f in c.images] for c in discover(root).cases]
+        found, cases = brats_size_cases(tmp, args.cases)
         res = {}
         arms = ("baseline", "medseg_fp32", "medseg")
         for arm in arms:
-            res[arm] = run_arm(__file__, arm, "--checkpoint", args.checkpoint,
-                               "--cases-json", json.dumps(cases), "--out", tmp)
+            res[arm] = run_case_arm(__file__, arm, args, cases, tmp)
             if res[arm] is None:
                 return 1
         regions = ("TC", "WT", "ET")
-        masks = {a: [labels_to_regions(np.load(Path(tmp) / f"{a}_{i}.npy"), "brats2023")
-                     for i in range(len(cases))] for a in arms}
-        truth = [labels_to_regions(np.asarray(nib.load(c.label).dataobj), "brats2023")
-                 for c in discover(root).cases]
+        masks = {a: saved_regions(tmp, a, len(cases)) for a in arms}
+        truth = [labels_to_regions(np.asarray(nib.load(c.label).dataobj), "brats2023") for c in found]
 
         def mean_dice(x, y):
             return {k: float(np.mean([dice(a[j], b[j]) for a, b in zip(x, y)]))

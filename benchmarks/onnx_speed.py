@@ -14,16 +14,15 @@ Nothing is asserted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import peak_rss_mb, run_arm  # noqa: E402  (benchmarks/ is the script's folder)
+from _common import (brats_size_cases, case_benchmark_args, peak_rss_mb,  # noqa: E402
+                     run_case_arm, saved_regions)  # (benchmarks/ is the script's folder)
 
-REPO = Path(__file__).resolve().parents[1]
 ARMS = ("torch_fp32", "torch_bf16", "ort_fp32", "ort_fp16", "ort_int8")
 
 
@@ -49,48 +48,31 @@ def _arm(args) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default=str(REPO / "runs/demo_cpu/fold_0/checkpoints/final.pt"))
-    p.add_argument("--cases", type=int, default=2)
-    p.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
-    p.add_argument("--cases-json", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = case_benchmark_args(__doc__.split("\n")[0], ARMS)
     if args.arm:
         print(json.dumps(_arm(args)))
         return 0
-    if not Path(args.checkpoint).is_file():
-        print(f"{args.checkpoint} not found: run `make demo` first, or pass --checkpoint", file=sys.stderr)
-        return 2
 
     import numpy as np
 
-    from medseg.data.discover import discover
-    from medseg.data.synth import synthesize
     from medseg.export import export_onnx
-    from medseg.labels import labels_to_regions
     from medseg.metrics import dice
     with tempfile.TemporaryDirectory() as tmp:
         for prec in ("fp32", "fp16", "int8"):
             export_onnx([Path(args.checkpoint)], Path(tmp) / f"ort_{prec}.onnx", precision=prec,
                         print_fn=lambda s: print("export:", s))
-        root = Path(tmp) / "data"
-        synthesize(root, args.cases, "brats2023", 7, (240, 240, 155), geometry_variation=False)
-        cases = [[str(f) for f in c.images] for c in discover(root).cases]
+        _, cases = brats_size_cases(tmp, args.cases)
         res = {}
         for arm in ARMS:
-            r = run_arm(__file__, arm, "--checkpoint", args.checkpoint,
-                        "--cases-json", json.dumps(cases), "--out", tmp)
+            r = run_case_arm(__file__, arm, args, cases, tmp)
             if r is not None:
                 res[arm] = r
-        ref = [labels_to_regions(np.load(Path(tmp) / f"torch_fp32_{i}.npy"), "brats2023")
-               for i in range(len(cases))]
+        ref = saved_regions(tmp, "torch_fp32", len(cases))
         print(f"{len(cases)} BraTS-size cases (4×240×240×155, 1 mm); checkpoint {args.checkpoint}")
         print(f"{'':12}{'s/case':>8}{'vs torch fp32':>15}{'peak RSS MB':>13}   mask Dice vs torch fp32 TC/WT/ET")
         base = res["torch_fp32"]["s_per_case"]
         for arm, r in res.items():
-            got = [labels_to_regions(np.load(Path(tmp) / f"{arm}_{i}.npy"), "brats2023")
-                   for i in range(len(cases))]
+            got = saved_regions(tmp, arm, len(cases))
             d = [np.mean([dice(g[j], f[j]) for g, f in zip(got, ref)]) for j in range(3)]
             print(f"{arm:12}{r['s_per_case']:8.2f}{base / r['s_per_case']:14.2f}x{r['peak_rss_mb']:13.0f}   "
                   + "/".join(f"{v:.4f}" for v in d))

@@ -167,17 +167,13 @@ def _cmd_predict(a) -> int:
             raise MedsegError("--engine onnx takes one .onnx file as --model (see `medseg export`)")
         edge_predict_all(a.model[0], cases, a.out, root, a.convention, a.overwrite, print_fn=_say)
         return 0
-    from medseg.data.inputs import check_outputs
     from medseg.infer import Predictor
     from medseg.predict import default_postprocessing, predict_all, resolve_checkpoints
-    out = Path(a.out)
-    # Refuse bad outputs before the models load.
-    check_outputs(out, cases, root, [out / f"{c.case_id}.nii.gz" for c in cases], a.overwrite)
     et_min = a.et_min_ml if a.et_min_ml is not None else default_postprocessing(a.model).get("et_min_ml", 0.0)
     predictor = Predictor(resolve_checkpoints(a.model), device=a.device, overlap=a.overlap,
                           sw_batch_size=a.sw_batch_size, amp=False if a.no_amp else None,
                           mirror=a.tta, min_component_ml=a.min_component_ml, et_min_ml=et_min)
-    predict_all(predictor, cases, out, root, a.convention, a.overwrite, a.probabilities, print_fn=_say)
+    predict_all(predictor, cases, a.out, root, a.convention, a.overwrite, a.probabilities, print_fn=_say)
     return 0
 
 

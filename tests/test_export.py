@@ -3,7 +3,6 @@ torch-free edge runtime, and edge masks equal to the PyTorch masks."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
