@@ -165,14 +165,15 @@ def _cmd_predict(a) -> int:
         from medseg.edge import edge_predict_all
         if len(a.model) != 1 or not str(a.model[0]).endswith(".onnx"):
             raise MedsegError("--engine onnx takes one .onnx file as --model (see `medseg export`)")
-        edge_predict_all(a.model[0], cases, a.out, root, a.convention, a.overwrite, print_fn=_say)
+        edge_predict_all(a.model[0], cases, a.out, root, a.convention, a.overwrite, print_fn=_say,
+                         min_component_ml=a.min_component_ml, et_min_ml=a.et_min_ml)
         return 0
     from medseg.infer import Predictor
     from medseg.predict import default_postprocessing, predict_all, resolve_checkpoints
     et_min = a.et_min_ml if a.et_min_ml is not None else default_postprocessing(a.model).get("et_min_ml", 0.0)
     predictor = Predictor(resolve_checkpoints(a.model), device=a.device, overlap=a.overlap,
                           sw_batch_size=a.sw_batch_size, amp=False if a.no_amp else None,
-                          mirror=a.tta, min_component_ml=a.min_component_ml, et_min_ml=et_min)
+                          mirror=a.tta, min_component_ml=a.min_component_ml or 0.0, et_min_ml=et_min)
     predict_all(predictor, cases, a.out, root, a.convention, a.overwrite, a.probabilities, print_fn=_say)
     return 0
 
@@ -191,7 +192,7 @@ def _cmd_export(a) -> int:
     ckpts = resolve_checkpoints(a.model)
     model_dir = Path(a.model[0]) if len(a.model) == 1 and Path(a.model[0]).is_dir() else None
     et_min = a.et_min_ml if a.et_min_ml is not None else default_postprocessing(a.model).get("et_min_ml", 0.0)
-    export_onnx(ckpts, a.out, a.opset, model_dir, et_min, precision=a.precision,
+    export_onnx(ckpts, a.out, a.opset, model_dir, et_min, a.min_component_ml, precision=a.precision,
                 calibration=a.calibration, print_fn=_say)
     print(f"wrote {a.out}: {len(ckpts)} fold(s) in one graph, opset {a.opset}, {a.precision}")
     return 0
@@ -289,17 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--case-id", help="single case: output name (default: from the T1 file name)")
     pr.add_argument("--out", required=True, help="output folder (never inside the input folder)")
     pr.add_argument("--convention", choices=["brats2021", "brats2023", "brats2024", "msd"],
-                    help="label values of the masks (default: the training data's convention)")
+                    help="label values of the masks (default: the input's own: detected from its "
+                    "layout or file names, or recorded in its datalist)")
     pr.add_argument("--overlap", type=float, help="sliding-window overlap (default: the checkpoint's)")
     pr.add_argument("--sw-batch-size", type=int, help="windows per forward pass")
     pr.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8 flips)")
     pr.add_argument("--no-amp", action="store_true", help="fp32 inference (default: bf16 autocast)")
     pr.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    pr.add_argument("--min-component-ml", type=float, default=0.0,
-                    help="remove connected components smaller than this (mL) from each region")
+    pr.add_argument("--min-component-ml", type=float,
+                    help="remove connected components smaller than this (mL) from each region "
+                    "(default: 0; with --engine onnx, the value in the model's metadata)")
     pr.add_argument("--et-min-ml", type=float,
                     help="a predicted ET smaller than this (mL) becomes necrosis (default: the value "
-                    "`medseg cv` chose, when --model is a cv folder; else 0)")
+                    "`medseg cv` chose, when --model is a cv folder; with --engine onnx, the value "
+                    "in the model's metadata; else 0)")
     pr.add_argument("--probabilities", action="store_true",
                     help="also write OUT/probabilities/<case_id>.nii.gz: TC/WT/ET float maps (X, Y, Z, 3)")
     pr.add_argument("--engine", choices=["torch", "onnx"], default="torch",
@@ -326,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "calibrate the quantization (default: synthetic brain patches)")
     ex.add_argument("--et-min-ml", type=float, help="post-processing stored in the metadata "
                     "(default: the value `medseg cv` chose)")
+    ex.add_argument("--min-component-ml", type=float, default=0.0,
+                    help="post-processing stored in the metadata: components smaller than this "
+                    "(mL) are removed from each region (default: 0)")
     ex.set_defaults(func=_cmd_export)
 
     rp = sub.add_parser("report", help="PNG overlays and an HTML page for quality control")

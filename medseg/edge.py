@@ -5,11 +5,16 @@ them fails). It reads everything it needs from the ONNX file's metadata, written
 by `medseg export`: channel order, spacing, window size and overlap, threshold,
 label convention, post-processing.
 
-The path mirrors `medseg.infer.Predictor`:
-read → RAS (voxel reorder) → resample to the model spacing (separable linear)
+The path reproduces `medseg.infer.Predictor` step for step (a test holds the
+masks of both engines to Dice ≥ 0.999 per label on thick-slice, LPS and 2 mm
+inputs):
+read → RAS (voxel reorder) → resample to the model spacing (separable linear,
+MONAI's grid: `round((n - 1)·a/b + 1)` voxels sharing the first voxel centre)
 → crop to the non-zero box → z-score per channel over non-zero voxels →
-Gaussian-weighted sliding window → un-crop → resample back → original
-orientation → threshold → ET > TC > WT labels → mask on the input grid.
+Gaussian-weighted sliding window over each model's *logits* → sigmoid → mean
+over models → un-crop → resample back → original orientation → threshold →
+post-processing from the metadata → ET > TC > WT labels → mask on the input grid
+in the input's label convention.
 """
 
 from __future__ import annotations
@@ -21,13 +26,17 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from medseg.data.inputs import InputCase, case_headers, check_outputs
-from medseg.data.io import load_array, write_nifti
+from medseg.data.inputs import InputCase, case_headers, check_outputs, output_convention, write_manifest
+from medseg.data.io import load_array, write_label_map
 from medseg.errors import DataError, MedsegError
 from medseg.labels import CHANNELS, regions_to_labels
+from medseg.postprocess import describe_postprocessing, postprocess
 
-__all__ = ["EdgePredictor", "edge_predict_all", "read_metadata", "resample_linear", "gaussian_importance",
-           "window_starts"]
+__all__ = ["EdgePredictor", "edge_predict_all", "read_metadata", "resample_linear", "resampled_shape",
+           "gaussian_importance", "window_starts"]
+
+#: The metadata format this runtime reads (see medseg.export.FORMAT).
+FORMAT = "medseg-onnx-2"
 
 _RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
 
@@ -42,7 +51,20 @@ def read_metadata(path: str | Path) -> dict:
     meta = sess.get_modelmeta().custom_metadata_map
     if "medseg" not in meta:
         raise MedsegError(f"{path}: no medseg metadata; export the model with `medseg export`")
-    return json.loads(meta["medseg"])
+    info = json.loads(meta["medseg"])
+    if info.get("format") != FORMAT:
+        raise MedsegError(f"{path}: ONNX format {info.get('format')!r}, expected {FORMAT!r} (per-model "
+                          "logits); re-export it with this medseg: `medseg export --model RUN --out FILE`")
+    return info
+
+
+def resampled_shape(shape: Sequence[int], spacing_in: Sequence[float],
+                    spacing_out: Sequence[float]) -> list[int]:
+    """Grid size after resampling, as MONAI's `Spacing` computes it: the first and
+    last voxel centres span (n - 1)·a mm, so round((n - 1)·a/b + 1) voxels. E.g.
+    155 slices at 1 mm → 2.5 mm: 63 (not round(155/2.5) = 62); 28 slices of
+    5.54 mm → 1 mm: 151 (not 155, which would repeat the last slice)."""
+    return [max(1, int(np.round((n - 1) * a / b + 1.0))) for n, a, b in zip(shape, spacing_in, spacing_out)]
 
 
 def resample_linear(arr: np.ndarray, factors: Sequence[float], out_shape: Sequence[int]) -> np.ndarray:
@@ -90,9 +112,13 @@ class EdgePredictor:
     """An exported medseg ONNX model → masks on each input's grid."""
 
     def __init__(self, model: str | Path, providers: Sequence[str] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, min_component_ml: float | None = None,
+                 et_min_ml: float | None = None):
         import onnxruntime as ort
         self.meta = read_metadata(model)
+        post = self.meta["postprocessing"]
+        self.min_component_ml = float(post["min_component_ml"] if min_component_ml is None else min_component_ml)
+        self.et_min_ml = float(post["et_min_ml"] if et_min_ml is None else et_min_ml)
         available = ort.get_available_providers()
         wanted = providers or [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider",
                                            "CPUExecutionProvider") if p in available]
@@ -115,12 +141,14 @@ class EdgePredictor:
         return vol[order], heads[0]
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        """`(4, X, Y, Z)` preprocessed → `(3, X, Y, Z)` probabilities (Gaussian-blended)."""
+        """`(4, X, Y, Z)` preprocessed → `(3, X, Y, Z)` probabilities: each model's
+        window logits Gaussian-blended, then the sigmoid, then the mean over models."""
         roi, ov = self.roi, float(self.meta["overlap"])
         pad = [(0, 0)] + [((max(r - s, 0)) // 2, max(r - s, 0) - (max(r - s, 0)) // 2)
                           for s, r in zip(x.shape[1:], roi)]
         xp = np.pad(x, pad)
-        acc = np.zeros((3, *xp.shape[1:]), np.float32)
+        k = int(self.meta["folds"])
+        acc = np.zeros((k, 3, *xp.shape[1:]), np.float32)
         norm = np.zeros(xp.shape[1:], np.float32)
         starts = [window_starts(s, r, ov) for s, r in zip(xp.shape[1:], roi)]
         bs = max(1, int(self.meta.get("sw_batch_size", 1)))
@@ -129,12 +157,13 @@ class EdgePredictor:
             batch = corners[i:i + bs]
             inp = np.stack([xp[:, a:a + roi[0], b:b + roi[1], c:c + roi[2]] for a, b, c in batch])
             out = self.session.run(None, {self.input_name: inp.astype(np.float32)})[0]
-            for (a, b, c), p in zip(batch, out):
-                acc[:, a:a + roi[0], b:b + roi[1], c:c + roi[2]] += p * self.weights
+            for (a, b, c), p in zip(batch, out):   # p: (K, 3, *roi) logits
+                acc[..., a:a + roi[0], b:b + roi[1], c:c + roi[2]] += p * self.weights
                 norm[a:a + roi[0], b:b + roi[1], c:c + roi[2]] += self.weights
         acc /= np.maximum(norm, 1e-8)
         sl = tuple(slice(lo, lo + s) for (lo, _), s in zip(pad[1:], x.shape[1:]))
-        return acc[(slice(None), *sl)]
+        logits = acc[(slice(None), slice(None), *sl)]
+        return (1.0 / (1.0 + np.exp(-logits))).mean(0).astype(np.float32)
 
     def probabilities(self, images: Sequence[str | Path],
                       channels: Sequence[str] = CHANNELS) -> tuple[np.ndarray, nib.Nifti1Image]:
@@ -148,7 +177,7 @@ class EdgePredictor:
         src_axes = np.argsort(ornt[:, 0])          # RAS axis j comes from input axis src_axes[j]
         sp_in = zooms[src_axes]
         sp_out = np.asarray(self.meta["spacing"], np.float64)
-        shape_out = [max(1, int(round(n * a / b))) for n, a, b in zip(ras.shape[1:], sp_in, sp_out)]
+        shape_out = resampled_shape(ras.shape[1:], sp_in, sp_out)
         res = resample_linear(ras, sp_out / sp_in, shape_out)
         # As medseg.transforms.ClearResamplingNoised (NEGLIGIBLE = 1e-4 of the channel peak).
         peak = np.abs(res).reshape(res.shape[0], -1).max(1).reshape(-1, 1, 1, 1)
@@ -175,35 +204,46 @@ class EdgePredictor:
 
     def labels(self, images: Sequence[str | Path], convention: str | None = None,
                channels: Sequence[str] = CHANNELS) -> tuple[np.ndarray, nib.Nifti1Image]:
+        """→ uint8 label map in `convention` (default: the model's) on the input grid,
+        post-processed as the metadata says, and the input's header image."""
         probs, ref = self.probabilities(images, channels)
-        regions = probs > float(self.meta["threshold"])
-        et_min = float(self.meta.get("et_min_ml", 0.0))
         voxel_ml = float(np.prod(ref.header.get_zooms()[:3])) / 1000.0
-        if et_min > 0 and regions[2].sum() * voxel_ml < et_min:
-            regions[2] = False
+        regions = postprocess(probs > float(self.meta["threshold"]), voxel_ml,
+                              self.min_component_ml, self.et_min_ml)
         return regions_to_labels(regions, convention or self.meta["label_convention"]), ref
 
     def predict(self, images: Sequence[str | Path], target: str | Path, convention: str | None = None,
                 channels: Sequence[str] = CHANNELS) -> np.ndarray:
-        labels, ref = self.labels(images, convention, channels)
-        write_nifti(labels.astype(np.uint8), ref.affine, Path(target), header=ref.header)
+        conv = convention or self.meta["label_convention"]
+        labels, ref = self.labels(images, conv, channels)
+        write_label_map(labels, ref, Path(target), conv,
+                        source=f"medseg {self.meta.get('medseg_version', '')} onnx")
         return labels
 
 
 def edge_predict_all(model: str | Path, cases: Sequence[InputCase], out_dir: str | Path,
                      input_root: Path | None, convention: str | None = None, overwrite: bool = False,
-                     print_fn=print) -> list[Path]:
-    """`medseg predict --engine onnx`: every case → ``out_dir/<case_id>.nii.gz``."""
+                     print_fn=print, min_component_ml: float | None = None,
+                     et_min_ml: float | None = None) -> list[Path]:
+    """`medseg predict --engine onnx`: every case → ``out_dir/<case_id>.nii.gz`` in the
+    input's label convention (or `convention`); post-processing from the metadata
+    unless given."""
     import time
     out_dir = Path(out_dir)
     targets = [out_dir / f"{c.case_id}.nii.gz" for c in cases]
     check_outputs(out_dir, cases, input_root, targets, overwrite)
-    pred = EdgePredictor(model)
+    pred = EdgePredictor(model, min_component_ml=min_component_ml, et_min_ml=et_min_ml)
+    conv, why = output_convention(cases, convention, pred.meta["label_convention"])
+    print_fn(f"labels: {conv} (from {why})")
     t0 = time.perf_counter()
     for i, (case, target) in enumerate(zip(cases, targets), 1):
         t = time.perf_counter()
-        pred.predict(case.images, target, convention, case.channels)
+        pred.predict(case.images, target, conv, case.channels)
         print_fn(f"[{i}/{len(cases)}] {case.case_id} → {target} ({time.perf_counter() - t:.1f} s)")
+    post = describe_postprocessing(pred.min_component_ml, pred.et_min_ml)
+    write_manifest(out_dir, targets, conv, why, engine="onnx", model=[str(model)],
+                   model_label_convention=pred.meta["label_convention"], postprocessing=post,
+                   min_component_ml=pred.min_component_ml, et_min_ml=pred.et_min_ml)
     print_fn(f"{len(cases)} masks in {time.perf_counter() - t0:.1f} s with onnxruntime "
-             f"({', '.join(pred.session.get_providers())})")
+             f"({', '.join(pred.session.get_providers())}); labels {conv}; post-processing: {post}")
     return targets

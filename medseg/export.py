@@ -7,8 +7,9 @@ model's spacing), each verified against fp32 PyTorch with
 its own tolerance (`TOLERANCE`).
 
 The graph maps `(B, 4, D, H, W)` z-scored images (CHANNELS order) to
-`(B, 3, D, H, W)` TC/WT/ET **probabilities**; with several fold checkpoints it
-averages their sigmoid outputs inside the graph (one file, one run). Spatial
+`(B, K, 3, D, H, W)` TC/WT/ET **logits** of the K fold checkpoints (one file,
+one run). The consumer blends each model's window logits, applies the sigmoid
+and averages the K probability maps, as `medseg.infer.predict_probs` does. Spatial
 axes are dynamic (multiples of the network's size divisor). The medseg
 metadata (JSON under the key ``medseg``) holds what a torch-free consumer
 needs: channels, normalisation, spacing, window size and overlap, threshold,
@@ -41,12 +42,16 @@ from medseg.labels import CHANNELS, REGIONS, get_convention
 from medseg.metrics import dice
 from medseg.models import size_divisor
 
-__all__ = ["ProbabilityEnsemble", "export_onnx", "verification_patch", "calibration_patches",
+__all__ = ["LogitStack", "export_onnx", "verification_patch", "calibration_patches",
            "TOLERANCE"]
 
 #: Per precision: largest accepted |ORT - torch| probability difference, and the
 #: smallest mask Dice per region (INT8 rounds activations: judged on the masks).
 TOLERANCE = {"fp32": (1e-3, 0.99), "fp16": (2e-2, 0.98), "int8": (1.0, 0.90)}
+
+#: Metadata format. 2: logits per model (1 was averaged probabilities, which a
+#: runtime cannot blend as PyTorch does).
+FORMAT = "medseg-onnx-2"
 
 
 class _Calibration:
@@ -106,15 +111,23 @@ def _convert(data: bytes, precision: str, meta: dict, calibration: list[np.ndarr
     raise MedsegError(f"precision {precision!r}; expected fp32, fp16 or int8")
 
 
-class ProbabilityEnsemble(nn.Module):
-    """Mean of the sigmoid outputs of `models`: `(B, 4, …)` → `(B, 3, …)` probabilities."""
+class LogitStack(nn.Module):
+    """The fold models side by side: `(B, 4, …)` → `(B, K, 3, …)` logits of each of the
+    K `models`. Logits, not probabilities: the PyTorch path blends each model's
+    window logits and applies the sigmoid after, so a consumer that gets logits
+    can do exactly the same (blended probabilities differ near the threshold)."""
 
     def __init__(self, models: Sequence[nn.Module]):
         super().__init__()
         self.models = nn.ModuleList(models)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.sigmoid(m(x)) for m in self.models]).mean(0)
+        return torch.stack([m(x) for m in self.models], 1)
+
+
+def _probabilities(logits: np.ndarray) -> np.ndarray:
+    """`(B, K, 3, …)` logits → `(B, 3, …)` mean sigmoid over the K models."""
+    return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).mean(1)
 
 
 def verification_patch(meta: dict, seed: int = 0) -> np.ndarray:
@@ -155,7 +168,7 @@ def _cv_scores(model_dir: Path | None) -> dict | None:
 
 
 def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
-                model_dir: Path | None = None, et_min_ml: float = 0.0,
+                model_dir: Path | None = None, et_min_ml: float = 0.0, min_component_ml: float = 0.0,
                 verify: bool = True, precision: str = "fp32",
                 calibration: str | Path | None = None, print_fn=print) -> dict:
     """Export the fold ensemble of `checkpoints` to `out`; returns the verification report."""
@@ -167,26 +180,33 @@ def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
         if m["network"] != meta["network"] or m["spacing"] != meta["spacing"] or m["roi"] != meta["roi"]:
             raise MedsegError(f"{p}: network/spacing/roi differ from {checkpoints[0]}; an "
                               "ensemble needs identical models")
-    net = ProbabilityEnsemble(models).eval()
+    net = LogitStack(models).eval()
     x = torch.from_numpy(verification_patch(meta))
     conv = get_convention(meta["label_convention"])
     info = {
-        "format": "medseg-onnx-1",
+        "format": FORMAT,
         "medseg_version": __version__,
         "input": "(B, 4, D, H, W) float32: channels in 'channels' order, z-scored per channel "
                  "over non-zero (brain) voxels after RAS + resampling to 'spacing' + crop to the "
                  "non-zero box",
-        "output": "(B, 3, D, H, W) float32 probabilities for 'regions'",
+        "output": "(B, K, 3, D, H, W) float32 logits for 'regions' of each of the K = 'folds' "
+                  "models",
         "channels": list(CHANNELS), "regions": list(REGIONS),
         "normalization": meta["normalization"], "spacing": meta["spacing"], "roi": meta["roi"],
         "size_divisor": size_divisor(meta["network"]["name"], **meta["network"]["args"]),
         "overlap": meta["infer"]["overlap"], "sw_batch_size": meta["infer"]["sw_batch_size"],
-        "blend": "gaussian", "threshold": meta["infer"]["threshold"],
+        "blend": "gaussian-weighted mean of each model's window logits (MONAI "
+                 "SlidingWindowInferer, sigma 0.125 x roi), then sigmoid, then mean over models",
+        "threshold": meta["infer"]["threshold"],
         "label_convention": conv.name, "region_labels": conv.region_labels(),
         "labels_from_regions": "precedence ET > TC > WT: ET → et label; TC only → ncr label; "
                                "WT only → ed label",
         "label_values": {"ed": conv.ed, "ncr": conv.ncr, "et": conv.et},
-        "et_min_ml": et_min_ml, "network": meta["network"], "folds": len(checkpoints),
+        "postprocessing": {"min_component_ml": min_component_ml, "et_min_ml": et_min_ml,
+                           "order": "threshold → components below min_component_ml removed per "
+                                    "region (26-connected) → ET below et_min_ml added to TC and WT "
+                                    "and removed from ET → labels"},
+        "network": meta["network"], "folds": len(checkpoints),
         "opset": opset, "precision": precision, "cv_scores": _cv_scores(model_dir),
     }
     if precision not in TOLERANCE:
@@ -195,10 +215,10 @@ def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(net, (x,), buf, input_names=["image"], output_names=["probabilities"],
+            torch.onnx.export(net, (x,), buf, input_names=["image"], output_names=["logits"],
                               opset_version=opset, dynamo=False,
                               dynamic_axes={"image": {0: "batch", 2: "d", 3: "h", 4: "w"},
-                                            "probabilities": {0: "batch", 2: "d", 3: "h", 4: "w"}})
+                                            "logits": {0: "batch", 3: "d", 4: "h", 5: "w"}})
         except Exception as exc:  # noqa: BLE001 - exporter errors are many and internal
             raise MedsegError(f"{meta['network']['name']}: ONNX export failed "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
@@ -213,9 +233,9 @@ def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
     if verify:
         import onnxruntime as ort
         sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        got = sess.run(None, {"image": x.numpy()})[0]
+        got = _probabilities(sess.run(None, {"image": x.numpy()})[0])
         with torch.no_grad():
-            want = net(x).numpy()
+            want = _probabilities(net(x).numpy())
         diff = float(np.abs(got - want).max())
         thr = info["threshold"]
         d = {r: _agreement(got[0, i] > thr, want[0, i] > thr) for i, r in enumerate(REGIONS)}

@@ -19,20 +19,21 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 import torch
-from scipy import ndimage
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Invertd
 from torch import nn
 
 from medseg.data.inputs import case_headers
-from medseg.data.io import load_header, write_nifti
+from medseg import __version__
+from medseg.data.io import load_header, write_label_map, write_nifti
 from medseg.errors import MedsegError
 from medseg.labels import CHANNELS, regions_to_labels
 from medseg.models import network_from_spec
+from medseg.postprocess import postprocess
 from medseg.transforms import IMAGE, preprocessing
 
-__all__ = ["autocast", "predict_probs", "load_model", "checkpoint_network", "postprocess", "Predictor",
+__all__ = ["autocast", "predict_probs", "load_model", "checkpoint_network", "Predictor",
            "predict_case", "write_mask"]
 
 
@@ -79,32 +80,6 @@ def predict_probs(models: Sequence[nn.Module], image: torch.Tensor, roi: Sequenc
     return (acc / n)[0].cpu()
 
 
-def postprocess(regions: np.ndarray, voxel_ml: float, min_component_ml: float = 0.0,
-                et_min_ml: float = 0.0) -> np.ndarray:
-    """Clean a `(3, X, Y, Z)` boolean TC/WT/ET stack.
-
-    - `min_component_ml`: drop connected components (26-connected) of each region
-      smaller than this volume: isolated false-positive specks.
-    - `et_min_ml`: if the whole predicted ET is smaller than this, it is removed
-      from ET (its voxels stay in TC, so they become necrosis/NET). A case without
-      enhancing tumour scores ET Dice 1 only when nothing is predicted; a few
-      spurious ET voxels score 0 (the BraTS winners' relabelling trick). Choose
-      the threshold from cross-validation (`medseg cv` writes postprocessing.json).
-    """
-    out = np.asarray(regions, bool).copy()
-    if min_component_ml > 0:
-        min_vox = min_component_ml / voxel_ml
-        for i in range(out.shape[0]):
-            lab, n = ndimage.label(out[i], structure=np.ones((3, 3, 3), bool))
-            if n:
-                sizes = np.bincount(lab.ravel())
-                small = np.flatnonzero(sizes < min_vox)
-                out[i][np.isin(lab, small[small > 0])] = False
-    if et_min_ml > 0 and out[2].sum() * voxel_ml < et_min_ml:
-        out[2] = False
-    return out
-
-
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a network from a medseg checkpoint → (model in eval mode, checkpoint meta)."""
     path = Path(path)
@@ -145,6 +120,7 @@ class Predictor:
         if not checkpoints:
             raise MedsegError("no checkpoints given")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.checkpoints = [str(p) for p in checkpoints]
         loaded = [load_model(p, self.device) for p in checkpoints]
         self.models = [m for m, _ in loaded]
         self.meta = loaded[0][1]
@@ -213,9 +189,10 @@ class Predictor:
         return regions_to_labels(regions, convention), ref_img, probs
 
 
-def write_mask(labels: np.ndarray, ref_img: nib.Nifti1Image, target: str | Path) -> None:
-    """uint8 mask on `ref_img`'s grid (shape, affine, qform/sform), written atomically."""
-    write_nifti(labels.astype(np.uint8), ref_img.affine, Path(target), header=ref_img.header)
+def write_mask(labels: np.ndarray, ref_img: nib.Nifti1Image, target: str | Path, convention: str) -> None:
+    """uint8 mask on `ref_img`'s grid (shape, affine, qform/sform, zooms; not its
+    display fields), labelled as `convention` in the header, written atomically."""
+    write_label_map(labels, ref_img, Path(target), convention, source=f"medseg {__version__}")
 
 
 def predict_case(predictor: Predictor, images: Sequence[str | Path], convention: str,
@@ -225,8 +202,9 @@ def predict_case(predictor: Predictor, images: Sequence[str | Path], convention:
     `probs_target`, also the TC/WT/ET probabilities as a 4D float32 image (X, Y, Z, 3)
     on the same grid."""
     labels, ref_img, probs = predictor.labels_and_probs(images, convention, channels)
-    write_mask(labels, ref_img, target)
+    write_mask(labels, ref_img, target, convention)
     if probs_target is not None:
         write_nifti(np.ascontiguousarray(np.moveaxis(probs, 0, -1), dtype=np.float32),
-                    ref_img.affine, Path(probs_target), header=ref_img.header)
+                    ref_img.affine, Path(probs_target), header=ref_img.header, cal=(0.0, 1.0),
+                    descrip=f"medseg {__version__} probabilities TC,WT,ET")
     return labels

@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from medseg.data.inputs import InputCase, cases_from_input, check_outputs
+from medseg.data.inputs import InputCase, cases_from_input, check_outputs, output_convention, write_manifest
 from medseg.errors import MedsegError
 from medseg.infer import Predictor, predict_case
+from medseg.postprocess import describe_postprocessing
 
 __all__ = ["resolve_checkpoints", "default_postprocessing", "predict_all", "predict_input"]
 
@@ -56,17 +57,22 @@ def predict_all(predictor: Predictor, cases: list[InputCase], out_dir: str | Pat
     targets = [out_dir / f"{c.case_id}.nii.gz" for c in cases]
     probs = [out_dir / "probabilities" / f"{c.case_id}.nii.gz" for c in cases]
     check_outputs(out_dir, cases, input_root, targets + (probs if probabilities else []), overwrite)
-    conv = convention or predictor.meta["label_convention"]
+    conv, why = output_convention(cases, convention, predictor.meta["label_convention"])
+    print_fn(f"labels: {conv} (from {why})")
     t0 = time.perf_counter()
     for i, (case, target) in enumerate(zip(cases, targets), 1):
         t = time.perf_counter()
         predict_case(predictor, case.images, conv, target, case.channels,
                      probs[i - 1] if probabilities else None)
         print_fn(f"[{i}/{len(cases)}] {case.case_id} → {target} ({time.perf_counter() - t:.1f} s)")
+    post = describe_postprocessing(predictor.min_component_ml, predictor.et_min_ml)
+    write_manifest(out_dir, targets, conv, why, engine="torch", model=predictor.checkpoints,
+                   model_label_convention=predictor.meta["label_convention"],
+                   mirror_tta=predictor.mirror, postprocessing=post,
+                   min_component_ml=predictor.min_component_ml, et_min_ml=predictor.et_min_ml)
     print_fn(f"{len(cases)} masks in {time.perf_counter() - t0:.1f} s; labels {conv}, "
              f"{len(predictor.models)} model(s){', mirror TTA' if predictor.mirror else ''}; "
-             f"post-processing: components < {predictor.min_component_ml} mL removed, "
-             f"ET < {predictor.et_min_ml} mL → necrosis")
+             f"post-processing: {post}")
     return targets
 
 

@@ -7,6 +7,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import pytest
 
 from medseg.data.synth import synthesize
@@ -84,3 +85,19 @@ def tiny_cv_run(pristine, base: Path, folds: int, overrides: list[str],
     run_cv(resolve_config("cpu", [*TINY_TRAIN, *overrides]), base / "split.json", root,
            base / "run", folds=only, print_fn=lambda s: None)
     return base / "run", root
+
+
+def reoriented_case(src_case: Path, dst: Path, codes: tuple[str, str, str], zoom_z: int = 1) -> Path:
+    """Copy a case with every file re-oriented to `codes` (voxels and affine move
+    together: same anatomy, other storage order); `zoom_z` keeps every n-th slice
+    along the last stored axis (thick slices)."""
+    dst.mkdir(parents=True)
+    for f in sorted(src_case.iterdir()):
+        img = nib.load(f)
+        ornt = nib.orientations.ornt_transform(nib.io_orientation(img.affine),
+                                               nib.orientations.axcodes2ornt(codes))
+        out = img.as_reoriented(ornt)
+        if zoom_z > 1:
+            out = out.slicer[:, :, ::zoom_z]
+        nib.save(out, dst / f.name)
+    return dst

@@ -2,7 +2,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.data.io import atomic_path, load_array, load_header, write_nifti
+from medseg.data.io import atomic_path, load_array, load_header, write_label_map, write_nifti
 from medseg.errors import DataError
 
 
@@ -52,3 +52,34 @@ def test_atomic_writes_get_normal_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_mask_takes_the_geometry_not_the_display_header(tmp_path):
+    # An MSD-style 4D scan: vector intent, a display range for MR intensities, a
+    # description and time units. The mask keeps the geometry only.
+    aff = np.diag([-1.2, -1.2, 3.0, 1.0])
+    aff[:3, 3] = [90, 100, -60]
+    scan = nib.Nifti1Image(np.zeros((6, 7, 5, 4), np.int16), aff)
+    scan.set_qform(aff, 1)
+    scan.set_sform(aff, 0)
+    hdr = scan.header
+    hdr.set_intent("vector")
+    hdr["cal_min"], hdr["cal_max"] = 0, 3000
+    hdr["descrip"] = b"scanner output"
+    hdr.set_xyzt_units("mm", "sec")
+    hdr.set_zooms((1.2, 1.2, 3.0, 2.5))
+    labels = np.zeros((6, 7, 5), np.uint8)
+    labels[2:4, 2:4, 1:3] = 3
+    write_label_map(labels, scan, tmp_path / "m.nii.gz", "msd", source="medseg test")
+    m = nib.load(tmp_path / "m.nii.gz")
+    h = m.header
+    assert m.shape == (6, 7, 5) and m.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(m.dataobj), labels)
+    np.testing.assert_allclose(m.affine, aff)
+    assert h.get_intent()[0] == "label"
+    assert (float(h["cal_min"]), float(h["cal_max"])) == (0.0, 3.0)
+    assert (int(h["qform_code"]), int(h["sform_code"])) == (1, 0)
+    np.testing.assert_allclose(h.get_zooms(), (1.2, 1.2, 3.0))
+    assert h.get_xyzt_units()[0] == "mm"
+    assert h["descrip"].item() == b"medseg test labels=msd"
+    assert float(h["scl_slope"]) in (0.0, 1.0) or np.isnan(float(h["scl_slope"]))

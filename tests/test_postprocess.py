@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from medseg.cv import choose_et_threshold
-from medseg.infer import postprocess
+from medseg.postprocess import describe_postprocessing, postprocess
 from medseg.labels import regions_to_labels
 
 
@@ -35,6 +35,37 @@ def test_small_et_becomes_necrosis():
     assert gone[2].sum() == 0 and gone[0].sum() == reg[0].sum()
     lab = regions_to_labels(gone, "brats2023")
     assert lab[4, 4, 4] == 1            # NETC, not ET
+
+
+@pytest.mark.parametrize("et_outside_tc, et_outside_wt", [(True, False), (True, True), (False, False)])
+def test_small_et_relabelled_as_necrosis_even_outside_tc(et_outside_tc, et_outside_wt):
+    # The network may put ET voxels outside TC (or WT): relabelling must still make
+    # them necrosis (NCR label 1 in brats2021), never edema (2) or background (0).
+    reg = np.zeros((3, 10, 10, 10), bool)
+    reg[1, 2:8, 2:8, 2:8] = True                   # WT
+    reg[0, 3:5, 3:5, 3:5] = True                   # TC
+    et = (5, 5, 5) if et_outside_tc else (4, 4, 4)
+    if et_outside_wt:
+        et = (9, 9, 9)
+    reg[(2, *et)] = True                           # one ET voxel: 0.001 mL at 1 mm
+    before = reg.copy()
+    out = postprocess(reg, 0.001, et_min_ml=0.01)
+    np.testing.assert_array_equal(reg, before)     # the input is not modified
+    assert not out[2].any()
+    assert out[0][et] and out[1][et]               # added to TC and WT
+    lab = regions_to_labels(out, "brats2021")
+    assert lab[et] == 1
+    # Every other voxel keeps its label.
+    keep = regions_to_labels(before, "brats2021")
+    mask = np.ones(lab.shape, bool)
+    mask[et] = False
+    np.testing.assert_array_equal(lab[mask], keep[mask])
+
+
+def test_postprocessing_is_described_as_done():
+    assert describe_postprocessing(0.0, 0.0) == "none"
+    assert describe_postprocessing(0.1, 0.0) == "components < 0.1 mL removed"
+    assert describe_postprocessing(0.0, 0.5) == "ET < 0.5 mL → necrosis"
 
 
 def rows(*cases):

@@ -16,7 +16,7 @@ from medseg.data.discover import discover
 from medseg.infer import Predictor
 from medseg.predict import resolve_checkpoints
 
-from conftest import tiny_cv_run, tree_fingerprint
+from conftest import reoriented_case, tiny_cv_run, tree_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -25,22 +25,6 @@ def trained(_pristine, tmp_path_factory):
     # Enough epochs that the model predicts some tumour, so geometry errors would show.
     return tiny_cv_run(_pristine, tmp_path_factory.mktemp("trained"), 5,
                        ["train.epochs=6", "train.iters_per_epoch=4"])
-
-
-def reoriented_case(src_case: Path, dst: Path, codes: tuple[str, str, str], zoom_z: int = 1) -> Path:
-    """Copy a case with every file re-oriented to `codes` (voxels and affine move
-    together: same anatomy, other storage order); `zoom_z` keeps every n-th slice
-    along the last stored axis (thick slices)."""
-    dst.mkdir(parents=True)
-    for f in sorted(src_case.iterdir()):
-        img = nib.load(f)
-        ornt = nib.orientations.ornt_transform(nib.io_orientation(img.affine),
-                                               nib.orientations.axcodes2ornt(codes))
-        out = img.as_reoriented(ornt)
-        if zoom_z > 1:
-            out = out.slicer[:, :, ::zoom_z]
-        nib.save(out, dst / f.name)
-    return dst
 
 
 @pytest.mark.parametrize("codes, zoom_z", [
@@ -171,3 +155,72 @@ def test_report_pages(trained, tmp_path):
         png = tmp_path / "rep" / f"{cid}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Dice" in page and "HD95" in page
+
+
+def _with_convention(ckpt: Path, convention: str, dst: Path) -> Path:
+    """A copy of a checkpoint that says it was trained on `convention` labels (the
+    network's outputs are regions, so the weights do not change)."""
+    import torch
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+    ck["meta"]["label_convention"] = convention
+    torch.save(ck, dst)
+    return dst
+
+
+def _mask_values(folder: Path) -> set[int]:
+    return set().union(*(np.unique(np.asarray(nib.load(p).dataobj)).tolist()
+                         for p in folder.glob("*.nii.gz")))
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+def test_masks_use_the_inputs_label_convention(trained, dataset, tmp_path, capsys, engine):
+    run, root = trained
+    model = _with_convention(resolve_checkpoints([run])[0], "brats2021", tmp_path / "bt21.pt")
+    if engine == "onnx":
+        assert main(["export", "--model", str(model), "--out", str(tmp_path / "bt21.onnx")]) == 0
+        model = tmp_path / "bt21.onnx"
+    capsys.readouterr()
+    base = ["predict", "--model", str(model), "--engine", engine]
+    # A BraTS 2021-trained model on a BraTS 2023 folder writes 2023 labels (ET = 3),
+    # on a BraTS 2021 folder 2021 labels (ET = 4), on an MSD folder MSD labels.
+    for layout, want, et in (("brats2023", {0, 1, 2, 3}, 3), ("brats2021", {0, 1, 2, 4}, 4),
+                             ("msd", {0, 1, 2, 3}, 3)):
+        data = root if layout == "brats2023" else dataset(layout)
+        out = tmp_path / f"out_{layout}"
+        assert main([*base, "--input", str(data), "--out", str(out)]) == 0
+        got = _mask_values(out)
+        assert got <= want and et in got, (layout, got)
+        manifest = json.loads((out / "predictions.json").read_text())
+        assert manifest["label_convention"] == layout and manifest["engine"] == engine
+        assert layout in manifest["convention_source"]
+        assert manifest["model_label_convention"] == "brats2021"
+        assert f"labels: {layout}" in capsys.readouterr().out
+        mask = nib.load(next(out.glob("*.nii.gz")))
+        assert mask.header["descrip"].item().endswith(f"labels={layout}".encode())
+        assert mask.header.get_intent()[0] == "label" and float(mask.header["cal_max"]) == max(want)
+    # MSD swaps NCR and edema: the MSD mask is the 2023 mask with labels 1 and 2 exchanged.
+    msd = dataset("msd")
+    case = discover(msd).cases[0]
+    a = np.asarray(nib.load(tmp_path / "out_msd" / f"{case.case_id}.nii.gz").dataobj)
+    if engine == "torch":
+        b, _ = Predictor([model]).labels(case.images, "brats2023", discover(msd).layout.channels)
+        swap = np.array([0, 2, 1, 3], np.uint8)
+        np.testing.assert_array_equal(a, swap[b])
+    # Loose files: named like BraTS 2023 → 2023 labels; neutral names → the model's,
+    # said so; --convention overrides.
+    t1n, t1c, t2w, t2f = discover(root).cases[0].images
+    files = ["--t1", str(t1n), "--t1ce", str(t1c), "--t2", str(t2w), "--flair", str(t2f)]
+    assert main([*base, *files, "--out", str(tmp_path / "loose")]) == 0
+    assert _mask_values(tmp_path / "loose") <= {0, 1, 2, 3}
+    neutral = tmp_path / "neutral"
+    neutral.mkdir()
+    for name, src in zip(("a", "b", "c", "d"), (t1n, t1c, t2w, t2f)):
+        shutil.copy(src, neutral / f"{name}.nii.gz")
+    plain = ["--t1", str(neutral / "a.nii.gz"), "--t1ce", str(neutral / "b.nii.gz"),
+             "--t2", str(neutral / "c.nii.gz"), "--flair", str(neutral / "d.nii.gz")]
+    capsys.readouterr()
+    assert main([*base, *plain, "--out", str(tmp_path / "n1")]) == 0
+    said = capsys.readouterr().out
+    assert "labels: brats2021" in said and "--convention" in said
+    assert main([*base, *plain, "--out", str(tmp_path / "n2"), "--convention", "brats2023"]) == 0
+    assert json.loads((tmp_path / "n2" / "predictions.json").read_text())["label_convention"] == "brats2023"

@@ -10,13 +10,14 @@ from typing import Sequence
 
 import numpy as np
 
-from medseg.data.discover import discover
+from medseg.data.discover import LAYOUTS, discover
 from medseg.data.folds import load_datalist
-from medseg.data.io import is_nifti, load_header
+from medseg.data.io import is_nifti, load_header, nifti_stem, write_json
 from medseg.errors import DataError, MedsegError
-from medseg.labels import CHANNELS
+from medseg.labels import CHANNELS, get_convention
 
-__all__ = ["InputCase", "cases_from_input", "single_case", "case_headers", "check_outputs"]
+__all__ = ["InputCase", "cases_from_input", "single_case", "output_convention", "write_manifest",
+           "case_headers", "check_outputs"]
 
 
 @dataclass
@@ -24,6 +25,10 @@ class InputCase:
     case_id: str
     images: list[Path]
     channels: list[str]
+    #: Label convention of the dataset the case comes from (None: its names do not
+    #: tell), and where that was read.
+    convention: str | None = None
+    convention_source: str = ""
 
 
 def cases_from_input(path: str | Path, data_root: str | Path | None = None) -> tuple[list[InputCase], Path]:
@@ -36,10 +41,12 @@ def cases_from_input(path: str | Path, data_root: str | Path | None = None) -> t
                               "paths are relative to")
         dl = load_datalist(path)
         root = Path(data_root)
+        conv = dl["label_convention"]["name"]
         cases = []
         for e in dl["training"] + dl.get("testing", []):
             imgs = e["image"] if isinstance(e["image"], list) else [e["image"]]
-            cases.append(InputCase(e["id"], [root / i for i in imgs], list(dl["channels"])))
+            cases.append(InputCase(e["id"], [root / i for i in imgs], list(dl["channels"]), conv,
+                                   f"the datalist {path.name}"))
         return cases, root
     if not path.is_dir():
         raise MedsegError(f"--input {path}: not a folder or a datalist .json")
@@ -49,7 +56,9 @@ def cases_from_input(path: str | Path, data_root: str | Path | None = None) -> t
         c = bad[0]
         raise DataError(f"{c.folder}: case {c.case_id} misses {', '.join(c.missing)}; every case "
                         "needs all four modalities (run `medseg data check`)")
-    return [InputCase(c.case_id, list(c.images), list(ds.layout.channels)) for c in ds.cases], path
+    src = f"the {ds.layout.name} file names in {path}"
+    return [InputCase(c.case_id, list(c.images), list(ds.layout.channels), ds.layout.convention, src)
+            for c in ds.cases], path
 
 
 def single_case(files: dict[str, str | None], case_id: str | None = None) -> InputCase:
@@ -73,7 +82,48 @@ def single_case(files: dict[str, str | None], case_id: str | None = None) -> Inp
         if first.endswith(suffix):
             first = first[: -len(suffix)]
             break
-    return InputCase(case_id or first, [got[c] for c in CHANNELS], list(CHANNELS))
+    conv = _convention_from_names(got)
+    return InputCase(case_id or first, [got[c] for c in CHANNELS], list(CHANNELS), conv,
+                     f"the {conv} file names (_t1, _t1ce, … or -t1n, -t1c, …)" if conv else "")
+
+
+def _convention_from_names(files: dict[str, Path]) -> str | None:
+    """BraTS 2018-2021 (`_t1 _t1ce _t2 _flair`) or BraTS 2023+ (`-t1n -t1c -t2w -t2f`)
+    names on all four files → that dataset's label convention; anything else → None."""
+    for name in ("brats2021", "brats2023"):
+        lay = LAYOUTS[name]
+        if all(nifti_stem(files[ch]).endswith(lay.sep + lay.keys[ch]) for ch in CHANNELS):
+            return lay.convention
+    return None
+
+
+def output_convention(cases: Sequence[InputCase], override: str | None,
+                      model_convention: str) -> tuple[str, str]:
+    """The label convention of the masks, and why: `override` (``--convention``), else
+    the input's own (detected for its folder, recorded in its datalist, or read from
+    the file names), else — only when the input does not tell — the model's training
+    data's, said so in the returned reason."""
+    if override:
+        return get_convention(override).name, "--convention"
+    found = {(c.convention, c.convention_source) for c in cases if c.convention}
+    if len({conv for conv, _ in found}) > 1:
+        raise MedsegError(f"the input cases use several label conventions ({sorted(found)}); "
+                          "predict one dataset at a time or pass --convention")
+    if found:
+        return next(iter(found))
+    return model_convention, ("the model's training data: the input's file names do not tell; "
+                              "pass --convention to choose")
+
+
+def write_manifest(out_dir: Path, targets: Sequence[Path], convention: str, source: str,
+                   **facts) -> Path:
+    """``out_dir/predictions.json``: the label convention of the masks (and why), the
+    label values, and `facts` (model, engine, post-processing …), written atomically."""
+    out = Path(out_dir) / "predictions.json"
+    write_json({"label_convention": convention, "convention_source": source,
+                "labels": get_convention(convention).to_dict(), **facts,
+                "masks": [Path(t).name for t in targets]}, out)
+    return out
 
 
 def _inside(child: Path, parent: Path) -> bool:

@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from medseg.errors import DataError
+from medseg.labels import get_convention
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -31,6 +32,7 @@ __all__ = [
     "atomic_path",
     "write_json",
     "write_nifti",
+    "write_label_map",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -118,19 +120,41 @@ def write_json(obj: object, target: Path) -> None:
 
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, target: Path,
-                header: nib.Nifti1Header | None = None) -> None:
+                header: nib.Nifti1Header | None = None, intent: str = "none",
+                cal: tuple[float, float] | None = None, descrip: str = "") -> None:
     """Write `array` on the grid `affine` to `target` (.nii or .nii.gz), atomically.
 
-    With `header`, its qform/sform codes and units are kept, so that a mask
-    written on an input's grid has the same header geometry as the input.
+    With `header` (the input image's), only its *geometry* is copied: qform/sform
+    codes, spatial zooms and units, so a mask has the same header geometry as the
+    scan. Its display fields are not: an MSD 4D image's ``intent=vector`` or a
+    scan's ``cal_max`` of 3000 would make viewers show labels 1-4 as black. `intent`
+    (a NIfTI intent name, e.g. "label") and `cal` (display range) describe `array`.
     """
-    hdr = header.copy() if header is not None else None
-    img = nib.Nifti1Image(array, affine, header=hdr)
+    img = nib.Nifti1Image(array, affine)
+    hdr = img.header
     if header is not None:
         # The input's codes exactly (0 included): a viewer then picks the same
         # geometry source (qform or sform) for the mask as for the scan.
         img.set_qform(affine, int(header["qform_code"]))
         img.set_sform(affine, int(header["sform_code"]))
+        zooms = tuple(header.get_zooms()[:3]) + (1.0,) * (array.ndim - 3)
+        hdr.set_zooms(zooms[:array.ndim])
+        hdr.set_xyzt_units(header.get_xyzt_units()[0])
+    hdr.set_intent(intent)
+    if cal is not None:
+        hdr["cal_min"], hdr["cal_max"] = cal
+    if descrip:
+        hdr["descrip"] = descrip.encode("ascii", "replace")[:79]
     img.set_data_dtype(array.dtype)
     with atomic_path(target) as tmp:
         nib.save(img, str(tmp))
+
+
+def write_label_map(labels: np.ndarray, ref: nib.Nifti1Image, target: Path, convention: str,
+                    source: str = "medseg") -> None:
+    """A uint8 mask on `ref`'s grid: NIfTI intent "label", display range 0..the
+    convention's largest value, and ``descrip`` naming the label convention (e.g.
+    "medseg 0.1.0 labels=brats2023"), written atomically."""
+    conv = get_convention(convention)
+    write_nifti(np.asarray(labels, np.uint8), ref.affine, Path(target), header=ref.header,
+                intent="label", cal=(0.0, float(max(conv.names))), descrip=f"{source} labels={conv.name}")
