@@ -13,7 +13,7 @@ import torch
 from monai.losses import DeepSupervisionLoss, DiceLoss
 from torch import nn
 
-__all__ = ["RegionDiceBCELoss", "build_loss"]
+__all__ = ["RegionDiceBCELoss", "build_loss", "deep_supervision_weights"]
 
 
 class RegionDiceBCELoss(nn.Module):
@@ -37,10 +37,22 @@ class RegionDiceBCELoss(nn.Module):
         return self.lambda_dice * self.dice(input, target) + self.lambda_bce * self.bce(input, target)
 
 
+def deep_supervision_weights(levels: int) -> list[float]:
+    """nnU-Net's weights for `levels` outputs (full resolution first): 1, ½, ¼, …
+    divided by their sum, so the loss has the scale of a single output's. Without
+    the division (MONAI's weight mode "exp") 3 outputs weigh 1.75 and 4 weigh
+    1.875: the recipe's learning rate would act about 1.75-1.9× larger.
+    E.g. 3 → [4/7, 2/7, 1/7]."""
+    raw = [0.5 ** i for i in range(max(1, levels))]
+    return [w / sum(raw) for w in raw]
+
+
 def build_loss(lambda_dice: float = 1.0, lambda_bce: float = 1.0,
-               deep_supervision: bool = True) -> nn.Module:
-    """The training loss; with deep supervision it takes a list of outputs
-    (full resolution first) and weights the coarser heads by 1/2, 1/4, …
-    (MONAI's `DeepSupervisionLoss`, weight mode "exp")."""
+               deep_supervision: bool = True, levels: int = 3) -> nn.Module:
+    """The training loss; with deep supervision it takes a list of `levels` outputs
+    (full resolution first) weighted by `deep_supervision_weights` (MONAI's
+    `DeepSupervisionLoss`; coarser targets are made by nearest interpolation)."""
     loss = RegionDiceBCELoss(lambda_dice, lambda_bce)
-    return DeepSupervisionLoss(loss, weight_mode="exp") if deep_supervision else loss
+    if not deep_supervision:
+        return loss
+    return DeepSupervisionLoss(loss, weights=deep_supervision_weights(levels))

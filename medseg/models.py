@@ -18,7 +18,7 @@ from torch import nn
 from medseg.errors import MedsegError
 from medseg.labels import CHANNELS, REGIONS
 
-__all__ = ["UNET3D_FILTERS", "MODELS", "build_model", "network_from_spec", "size_divisor"]
+__all__ = ["UNET3D_FILTERS", "MODELS", "build_model", "network_from_spec", "size_divisor", "unet3d_outputs"]
 
 #: Filters per resolution level of `unet3d`, per preset (levels - 1 = downsamplings).
 UNET3D_FILTERS: dict[str, tuple[int, ...]] = {
@@ -27,11 +27,23 @@ UNET3D_FILTERS: dict[str, tuple[int, ...]] = {
 }
 
 
-def _unet3d(preset: str = "full", filters: tuple[int, ...] | None = None,
-            deep_supervision: bool = True, deep_supr_num: int = 2) -> nn.Module:
+def unet3d_outputs(preset: str = "full", filters: tuple[int, ...] | None = None,
+                   deep_supr_num: int | None = None) -> int:
+    """Outputs of `unet3d` in training: the full-resolution one plus one head per
+    decoder level except the lowest (nnU-Net drops the lowest-resolution output:
+    too coarse to supervise). full (6 levels): 1, ½, ¼, ⅛ → 4; cpu (5 levels): 3."""
     if filters is None:
         if preset not in UNET3D_FILTERS:
             raise MedsegError(f"unknown unet3d preset {preset!r}; expected one of {', '.join(UNET3D_FILTERS)}")
+        filters = UNET3D_FILTERS[preset]
+    heads = len(filters) - 3 if deep_supr_num is None else deep_supr_num
+    return 1 + max(0, min(heads, len(filters) - 2))
+
+
+def _unet3d(preset: str = "full", filters: tuple[int, ...] | None = None,
+            deep_supervision: bool = True, deep_supr_num: int | None = None) -> nn.Module:
+    heads = unet3d_outputs(preset, filters, deep_supr_num) - 1
+    if filters is None:
         filters = UNET3D_FILTERS[preset]
     n = len(filters)
     strides = [[1, 1, 1]] + [[2, 2, 2]] * (n - 1)
@@ -40,7 +52,7 @@ def _unet3d(preset: str = "full", filters: tuple[int, ...] | None = None,
         kernel_size=[[3, 3, 3]] * n, strides=strides, upsample_kernel_size=strides[1:],
         filters=list(filters), norm_name=("instance", {"affine": True}),
         act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
-        deep_supervision=deep_supervision, deep_supr_num=min(deep_supr_num, n - 2),
+        deep_supervision=deep_supervision and heads > 0, deep_supr_num=max(1, heads),
     )
 
 

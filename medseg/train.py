@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
-from monai.transforms import Compose
+from monai.transforms import Compose, Randomizable, Transform
 from torch import nn
 
 from medseg import __version__
@@ -48,11 +48,11 @@ from medseg.infer import autocast, predict_probs
 from medseg.labels import CHANNELS, REGIONS
 from medseg.losses import build_loss
 from medseg.metrics import case_metrics
-from medseg.models import network_from_spec, size_divisor
+from medseg.models import network_from_spec, size_divisor, unet3d_outputs
 from medseg.transforms import IMAGE, LABEL, preprocessing, train_augmentation
 
 __all__ = ["FoldData", "fold_data", "train_fold", "lr_factor", "CHECKPOINT_DIR", "build_network",
-           "build_criterion", "build_transforms", "build_optimizer", "deep_supervised"]
+           "build_criterion", "build_transforms", "build_optimizer", "deep_supervised", "cache_key"]
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -119,8 +119,10 @@ def _seed_all(seed: int) -> None:
 # ``network_def``/``loss``/``*_transforms`` entries point at them, so each component
 # is built in one place.
 def deep_supervised(cfg: dict) -> bool:
-    """Whether training uses deep supervision (unet3d heads, ``train.deep_supervision``)."""
-    return cfg["model"]["name"] == "unet3d" and bool(cfg["train"]["deep_supervision"])
+    """Whether training uses deep supervision (``train.deep_supervision``, and a unet3d
+    deep enough to have a head above its lowest decoder level)."""
+    return (cfg["model"]["name"] == "unet3d" and bool(cfg["train"]["deep_supervision"])
+            and unet3d_outputs(**cfg["model"]["args"]) > 1)
 
 
 def build_network(cfg: dict, training: bool = False) -> nn.Module:
@@ -130,7 +132,9 @@ def build_network(cfg: dict, training: bool = False) -> nn.Module:
 
 def build_criterion(cfg: dict) -> nn.Module:
     """Region Dice + binary cross-entropy, over the deep-supervision outputs when used."""
-    return build_loss(deep_supervision=deep_supervised(cfg))
+    if not deep_supervised(cfg):
+        return build_loss(deep_supervision=False)
+    return build_loss(deep_supervision=True, levels=unet3d_outputs(**cfg["model"]["args"]))
 
 
 def build_transforms(cfg: dict, channels, convention: str, training: bool = True) -> Compose:
@@ -292,19 +296,42 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 # ----------------------------------------------------------------------------- steps
+def _params(obj, depth: int = 2) -> str:
+    """Plain-valued attributes of a transform, and of the array transforms it holds
+    (SpatialPadd keeps its size in ``padder``), as text."""
+    out = {}
+    for k, v in sorted(vars(obj).items()):
+        if isinstance(v, (int, float, str, bool, tuple, list)) and " at 0x" not in repr(v):
+            out[k] = repr(v)    # (not lists of objects: their repr holds addresses)
+        elif depth and isinstance(v, Transform):
+            out[k] = _params(v, depth - 1)
+    return repr(out)
+
+
+def cache_key(transform: Compose, cfg: dict, data: FoldData) -> str:
+    """Disk-cache folder name for the items `transform` makes: a hash of the data
+    settings and of every step PersistentDataset caches (the chain up to its first
+    random step, each with its parameters). Training pads to the patch
+    (SpatialPadd) before caching, validation does not: they are different items of
+    the same case and must never share an entry."""
+    steps = []
+    for t in transform.flatten().transforms:
+        if isinstance(t, Randomizable):
+            break
+        steps.append([type(t).__name__, _params(t)])
+    return config_hash({"spacing": cfg["data"]["spacing"], "channels": data.channels,
+                        "convention": data.convention, "medseg": __version__, "steps": steps})
+
+
 def _datasets(data: FoldData, cfg: dict, cache_dir: Path | None):
-    spacing = cfg["data"]["spacing"]
     pre = build_transforms(cfg, data.channels, data.convention, training=False)
     train_tf = build_transforms(cfg, data.channels, data.convention, training=True)
     workers = cfg["data"]["num_workers"]
     if cfg["data"]["cache"] == "disk":
         if cache_dir is None:
             raise MedsegError("data.cache=disk needs a cache folder")
-        # Key the cache by everything that changes the preprocessed arrays.
-        key = config_hash({"spacing": spacing, "channels": data.channels,
-                           "convention": data.convention, "medseg": __version__})
-        train_ds = PersistentDataset(data.train, train_tf, cache_dir=cache_dir / key)
-        val_ds = PersistentDataset(data.val, pre, cache_dir=cache_dir / key)
+        train_ds = PersistentDataset(data.train, train_tf, cache_dir=cache_dir / cache_key(train_tf, cfg, data))
+        val_ds = PersistentDataset(data.val, pre, cache_dir=cache_dir / cache_key(pre, cfg, data))
     elif cfg["data"]["cache"] == "memory":
         train_ds = CacheDataset(data.train, train_tf, num_workers=max(1, workers), progress=False)
         val_ds = CacheDataset(data.val, pre, num_workers=max(1, workers), progress=False) \
