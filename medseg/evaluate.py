@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -18,11 +19,26 @@ import numpy as np
 from medseg.data.discover import discover, resolve_convention
 from medseg.data.io import atomic_path, is_nifti, load_array, load_header, nifti_stem, write_json
 from medseg.errors import DataError, MedsegError
-from medseg.labels import REGIONS, labels_to_regions, validate_labels
+from medseg.labels import CONVENTIONS, REGIONS, get_convention, labels_to_regions, validate_labels
 from medseg.metrics import METRICS, case_metrics
 
 __all__ = ["load_regions", "evaluate_case", "metric_rows", "summarize", "write_rows", "read_rows",
            "references", "evaluate_folder", "format_table"]
+
+
+def _check_recorded_convention(path: Path, img, convention: str) -> None:
+    """A mask whose header records its labels (medseg writes ``labels=<name>`` in
+    ``descrip``) must be read with a convention that gives the same region labels:
+    a brats2021 mask (ET = 4) read as brats2023 would score an empty ET."""
+    text = bytes(img.header["descrip"].item()).decode("ascii", "replace")
+    m = re.search(r"labels=([a-z0-9]+)", text)
+    if not m or m.group(1) not in CONVENTIONS:
+        return
+    got, want = get_convention(m.group(1)), get_convention(convention)
+    if (got.ncr, got.ed, got.et) != (want.ncr, want.ed, want.et):
+        raise DataError(f"{path}: written with {got.name} labels ({got.description}; header "
+                        f"'{text.strip()}'), but read as {want.name} ({want.description}); evaluate "
+                        f"with --convention {got.name}, or predict again with --convention {want.name}")
 
 
 def load_regions(path: str | Path, convention: str) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -31,6 +47,7 @@ def load_regions(path: str | Path, convention: str) -> tuple[np.ndarray, np.ndar
     lab = load_array(Path(path), img, dtype=np.float32)
     if lab.ndim != 3:
         raise DataError(f"{path}: expected a 3D label map, found shape {lab.shape}")
+    _check_recorded_convention(Path(path), img, convention)
     validate_labels(np.unique(lab), convention, str(path))
     return labels_to_regions(lab.astype(np.int16), convention), img.affine, \
         tuple(float(z) for z in img.header.get_zooms()[:3])

@@ -33,7 +33,7 @@ from medseg.models import network_from_spec
 from medseg.postprocess import postprocess
 from medseg.transforms import IMAGE, preprocessing
 
-__all__ = ["autocast", "predict_probs", "load_model", "checkpoint_network", "Predictor",
+__all__ = ["autocast", "predict_probs", "load_model", "Predictor",
            "predict_case", "write_mask"]
 
 
@@ -102,12 +102,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
     if missing:
         raise MedsegError(f"{path}: checkpoint does not match network {spec}: missing {missing[:3]}")
     return model.to(device).eval(), meta
-
-
-def checkpoint_network(path: str | Path) -> nn.Module:
-    """The trained network of a medseg checkpoint, on the CPU in eval mode, without
-    deep-supervision heads (the bundle's ``network_def`` for inference and export)."""
-    return load_model(path)[0]
 
 
 class Predictor:

@@ -1,6 +1,7 @@
 """The MONAI bundle `bundles/brats_unet3d`: it parses, instantiates, runs through
-`python -m monai.bundle` (training, evaluating, inferring, torchrun, ckpt_export),
-is the experiment definition of `medseg train`/`cv`, and wires only medseg builders.
+`python -m monai.bundle` (training, evaluating, inferring, torchrun, verify_net_in_out,
+ckpt_export, onnx_export), is the experiment definition of `medseg train`/`cv`, and
+wires only medseg builders.
 
 The bundle runs are real subprocesses of the documented commands on tiny
 synthetic data (6 cases, 40×40×28), with the same tiny overrides as the CLI runs.
@@ -43,6 +44,10 @@ def bundle_overrides(overrides: list[str]) -> list[str]:
         key, value = o.split("=", 1)
         out += [f"--{key.replace('.', '#')}", value]
     return out
+
+
+#: inference.json's model values for the tiny checkpoints: cpu preset + TINY_TRAIN's filters.
+TINY_MODEL = bundle_overrides(["model.args.preset=cpu", *(o for o in TINY_TRAIN if o.startswith("model."))])
 
 
 def files_arg(*files: Path) -> str:
@@ -116,17 +121,51 @@ def test_train_configs_parse_and_instantiate(files, split):
 
 
 def test_inference_config_parses_and_instantiates(tiny):
+    """`network_def` is the architecture of `model` alone (no checkpoint needed);
+    `network` loads the checkpoint into it; `predictor` reads its own checkpoint."""
+    from medseg.infer import load_model
     base, _ = tiny
     ckpt = base / "bundle_run" / "fold_0" / "checkpoints" / "final.pt"
+    raw = json.loads(INFERENCE.read_text())
+    assert raw["model"] == json.loads(TRAIN.read_text())["model"]     # the same default as training
     parser = ConfigParser()
     parser.read_config(str(INFERENCE))
-    parser.update({"ckpt_path": str(ckpt)})
-    net = parser.get_parsed_content("network_def")
-    assert isinstance(net, torch.nn.Module) and not net.training
+    parser.update({"ckpt_path": str(base / "no_such.pt")})       # network_def never reads it
+    full = parser.get_parsed_content("network_def")
+    assert full.filters == [32, 64, 128, 256, 320, 320]
+    assert not any(k.startswith("deep_supervision_heads") for k in full.state_dict())
+
+    parser.update({"ckpt_path": str(ckpt), "model#args#preset": "cpu", "model#args#filters": [8, 16, 32]})
+    net = parser.get_parsed_content("network")
+    trained, _ = load_model(ckpt)
+    assert not net.training and net.state_dict().keys() == trained.state_dict().keys()
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in net.state_dict().items())
     pre = parser.get_parsed_content("preprocessing")
     predictor = parser.get_parsed_content("predictor")
     assert pre is predictor.preprocess(predictor.meta["channels"])   # the instance that runs
     assert predictor.meta["spacing"] == resolve_config("cpu", TINY_TRAIN)["data"]["spacing"]
+
+
+def test_network_loader_rejects_other_model_values(tiny, tmp_path):
+    """A checkpoint of another architecture than the bundle's `model` values (here
+    the full default vs the tiny checkpoint): a medseg error naming both and the
+    flag that fixes it, not a partly loaded network."""
+    import ast
+    base, _ = tiny
+    ckpt = base / "bundle_run" / "fold_0" / "checkpoints" / "final.pt"
+    r = monai_bundle("ckpt_export", "network", "--config_file", str(INFERENCE), "--ckpt_path", str(ckpt),
+                     "--ckpt_file", str(ckpt), "--key_in_ckpt", "model", "--filepath", str(tmp_path / "m.ts"),
+                     cwd=tmp_path, check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and not (tmp_path / "m.ts").exists()
+    found = {"name": "unet3d", "args": {"preset": "cpu", "filters": [8, 16, 32]}}
+    expected = {"name": "unet3d", "args": {"preset": "full"}}
+    assert (f"medseg: error: {ckpt}: the checkpoint was trained with model {found}, "
+            f"but the bundle's model values are {expected}") in r.stderr
+    fix = r.stderr.split('--model "', 1)[1].split('"', 1)[0]        # the suggested override works
+    parser = ConfigParser()
+    parser.read_config(str(INFERENCE))
+    parser.update({"ckpt_path": str(ckpt), "model": ast.literal_eval(fix)})
+    assert isinstance(parser.get_parsed_content("network"), torch.nn.Module)
 
 
 def test_metadata_describes_the_network():
@@ -147,10 +186,18 @@ def test_metadata_describes_the_network():
 
 @pytest.mark.parametrize("files", [[TRAIN], [TRAIN, CPU]], ids=["full", "cpu"])
 def test_network_matches_metadata_shapes(files):
-    """MONAI's own check: a fake input of the metadata's shape → the declared output."""
+    """MONAI's own check: a fake input of the metadata's shape (64³) → the declared output."""
     from monai.bundle import verify_net_in_out
     verify_net_in_out(net_id="network_def", meta_file=str(CONFIGS / "metadata.json"),
-                      config_file=[str(f) for f in files], n=2, any=1, device="cpu")
+                      config_file=[str(f) for f in files], device="cpu")
+
+
+def test_verify_net_in_out_as_written():
+    """The command of the MONAI model zoo, from the bundle folder, as written: the
+    full network of inference.json, without weights, on metadata.json's shape."""
+    r = monai_bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+                     "--config_file", "configs/inference.json", cwd=BUNDLE)
+    assert "data shape of network is verified with no error" in r.stderr + r.stdout
 
 
 # ----------------------------------------------------------------------------- single definition
@@ -275,21 +322,37 @@ def test_bundle_inferring_writes_masks_on_input_grids(tiny, tmp_path):
     assert before == {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
-def test_bundle_ckpt_export_torchscript(tiny, tmp_path):
+@pytest.mark.parametrize("command", ["ckpt_export", "onnx_export"])
+def test_bundle_export_equals_pytorch(command, tiny, tmp_path):
+    """MONAI's exporters on a trained checkpoint, as the bundle README writes them
+    (model values on the command line): the TorchScript / ONNX network gives the
+    checkpoint's PyTorch output on a random input of the metadata's shape."""
     from medseg.infer import load_model
     base, _ = tiny
     ckpt = base / "bundle_run" / "fold_0" / "checkpoints" / "final.pt"
-    out = tmp_path / "model.ts"
-    monai_bundle("ckpt_export", "network_def", "--config_file", str(INFERENCE), "--bundle_root", str(BUNDLE),
-                 "--ckpt_file", str(ckpt), "--ckpt_path", str(ckpt), "--key_in_ckpt", "model",
+    out = tmp_path / ("model.ts" if command == "ckpt_export" else "network.onnx")
+    onnx_args = ["--use_trace", "True", "--converter_kwargs", "{'dynamo': False}"]
+    monai_bundle(command, "network_def", "--config_file", str(INFERENCE),
+                 "--meta_file", str(CONFIGS / "metadata.json"), "--ckpt_file", str(ckpt),
+                 "--key_in_ckpt", "model", *TINY_MODEL, *(onnx_args if command == "onnx_export" else []),
                  "--filepath", str(out), cwd=tmp_path)
-    extra = {"metadata.json": "", "inference.json": ""}
-    ts = torch.jit.load(str(out), _extra_files=extra)
-    assert json.loads(extra["metadata.json"])["network_data_format"]["inputs"]["image"]["num_channels"] == 4
     model, _ = load_model(ckpt)
-    x = torch.randn(1, 4, 32, 32, 32)
+    x = torch.randn(1, 4, 64, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(ts(x), model(x), atol=1e-5)
+        ref = model(x)
+    if command == "ckpt_export":
+        extra = {"metadata.json": "", "inference.json": ""}
+        ts = torch.jit.load(str(out), _extra_files=extra)
+        assert json.loads(extra["metadata.json"])["network_data_format"]["inputs"]["image"]["num_channels"] == 4
+        with torch.no_grad():
+            got = ts(x)
+    else:
+        import onnxruntime as ort
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        assert sess.get_inputs()[0].shape == [1, 4, 64, 64, 64]
+        got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    assert got.shape == ref.shape == (1, 3, 64, 64, 64)
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
 
 
 def test_bundle_torchrun_multi_gpu_train(tiny, tmp_path):
@@ -358,7 +421,7 @@ def test_bundle_readme_commands_run_as_documented(tiny, tmp_path):
     base, root = tiny
     cmds = readme_commands()
     kinds = {"run training": 0, "run evaluating": 0, "run inferring": 0, "torchrun": 0,
-             "ckpt_export": 0, "medseg export": 0}
+             "verify_net_in_out": 0, "ckpt_export": 0, "onnx_export": 0, "medseg export": 0}
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     for cmd in cmds:
         if cmd.startswith("B="):
@@ -370,6 +433,8 @@ def test_bundle_readme_commands_run_as_documented(tiny, tmp_path):
         args = shlex.split(line)
         if "training" in args:
             args += bundle_overrides(TINY_TRAIN)
+        if "ckpt_export" in args or "onnx_export" in args:
+            args += TINY_MODEL[2:]   # the README's model values (cpu preset) + the tiny filters
         r = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
         assert r.returncode == 0, f"{line}\n{r.stderr[-3000:]}"
         for k in kinds:
@@ -386,7 +451,7 @@ def test_bundle_readme_commands_run_as_documented(tiny, tmp_path):
     assert (tmp_path / "runs" / "brats_unet3d" / "fold_0" / "train_summary.json").is_file()
     assert json.loads((tmp_path / "runs" / "brats_unet3d" / "fold_0" / "train_summary.json")
                       .read_text())["world_size"] == 2
-    assert (run / "model.ts").is_file() and (run / "model.onnx").is_file()
+    assert all((run / f).is_file() for f in ("model.ts", "model.onnx", "network.onnx"))
 
 
 def test_written_config_of_a_custom_preset_reloads(tmp_path):

@@ -198,6 +198,16 @@ def test_masks_use_the_inputs_label_convention(trained, dataset, tmp_path, capsy
         mask = nib.load(next(out.glob("*.nii.gz")))
         assert mask.header["descrip"].item().endswith(f"labels={layout}".encode())
         assert mask.header.get_intent()[0] == "label" and float(mask.header["cal_max"]) == max(want)
+    # The masks evaluate against their own dataset; read with a convention that
+    # swaps labels (msd: 1 = edema), where every value is still allowed, the header's
+    # record refuses them instead of scoring swapped regions.
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(tmp_path / "out_brats2021"), "--ref", str(dataset("brats2021")),
+                 "--out", str(tmp_path / f"ev_{engine}")]) == 0
+    assert main(["evaluate", "--pred", str(tmp_path / "out_brats2023"), "--ref", str(root),
+                 "--convention", "msd", "--out", str(tmp_path / f"bad_{engine}")]) == 2
+    err = capsys.readouterr().err
+    assert "brats2023 labels" in err and "--convention brats2023" in err
     # MSD swaps NCR and edema: the MSD mask is the 2023 mask with labels 1 and 2 exchanged.
     msd = dataset("msd")
     case = discover(msd).cases[0]
