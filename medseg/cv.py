@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import IO, Callable, Sequence
 
 import numpy as np
 
@@ -39,32 +39,86 @@ from medseg.train import CHECKPOINT_DIR, fold_data, train_fold
 __all__ = ["run_cv", "evaluate_fold", "format_summary", "choose_et_threshold"]
 
 
+#: Seconds a stopped fold's trainer gets to exit after SIGTERM before SIGKILL.
+STOP_GRACE_S = 10.0
+#: Seconds between checks of the running trainers.
+POLL_S = 0.5
+
+
+def _train_command(cfg_path: Path, datalist, data_root, fold: int, fold_dir: Path, device: str,
+                   resume: bool) -> list[str]:
+    """The `medseg train` command line of one fold (a separate function so tests can
+    substitute a cheap child process)."""
+    cmd = [sys.executable, "-m", "medseg", "train", "--config", str(cfg_path),
+           "--datalist", str(datalist), "--data-root", str(data_root), "--fold", str(fold),
+           "--out", str(fold_dir), "--device", device]
+    return cmd + ["--resume"] if resume else cmd
+
+
+def _stop_children(children: list[tuple[subprocess.Popen, IO]], grace_s: float = STOP_GRACE_S) -> None:
+    """Terminate (SIGTERM), wait up to `grace_s`, then SIGKILL what is left; reap every
+    child and close its log. A second Ctrl-C during the wait skips to SIGKILL."""
+    try:
+        for proc, _ in children:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + grace_s
+        for proc, _ in children:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        for proc, log in children:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            log.close()
+
+
 def _train_folds_parallel(folds: list[int], devices: Sequence[str], cfg_path: Path, datalist, data_root,
                           out_dir: Path, print_fn) -> None:
-    """One `medseg train` process per fold, at most one per device at a time."""
+    """One `medseg train` process per fold, at most one per entry of `devices` at a
+    time (list a device twice to train two folds on it at once).
+
+    When a fold fails, or on Ctrl-C or any other error, the other trainers are stopped
+    (SIGTERM, then SIGKILL after STOP_GRACE_S) and reaped before the error propagates:
+    none is left running to collide with a rerun in the same fold folder.
+    """
     pending = list(folds)
-    running: dict[str, tuple[int, subprocess.Popen]] = {}
-    while pending or running:
-        for dev in devices:
-            if dev not in running and pending:
-                k = pending.pop(0)
-                fold_dir = out_dir / f"fold_{k}"
-                cmd = [sys.executable, "-m", "medseg", "train", "--config", str(cfg_path),
-                       "--datalist", str(datalist), "--data-root", str(data_root), "--fold", str(k),
-                       "--out", str(fold_dir), "--device", dev]
-                if (fold_dir / CHECKPOINT_DIR / "last.pt").exists():
-                    cmd.append("--resume")
-                fold_dir.mkdir(parents=True, exist_ok=True)
-                log = open(fold_dir / "train.log", "a")
-                running[dev] = (k, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
-                print_fn(f"fold {k}: training on {dev} (log {fold_dir / 'train.log'})")
-        time.sleep(0.5)
-        for dev, (k, proc) in list(running.items()):
-            if proc.poll() is not None:
-                del running[dev]
-                if proc.returncode != 0:
-                    raise MedsegError(f"fold {k} training failed on {dev} (exit {proc.returncode}); "
-                                      f"see {out_dir / f'fold_{k}' / 'train.log'}")
+    running: dict[int, tuple[int, subprocess.Popen, IO]] = {}   # slot → (fold, process, log)
+    try:
+        while pending or running:
+            for slot, dev in enumerate(devices):
+                if slot not in running and pending:
+                    k = pending.pop(0)
+                    fold_dir = out_dir / f"fold_{k}"
+                    cmd = _train_command(cfg_path, datalist, data_root, k, fold_dir, dev,
+                                         resume=(fold_dir / CHECKPOINT_DIR / "last.pt").exists())
+                    fold_dir.mkdir(parents=True, exist_ok=True)
+                    log = open(fold_dir / "train.log", "a")
+                    try:
+                        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+                    except BaseException:
+                        log.close()
+                        raise
+                    running[slot] = (k, proc, log)
+                    print_fn(f"fold {k}: training on {dev} (log {fold_dir / 'train.log'})")
+            time.sleep(POLL_S)
+            for slot, (k, proc, log) in list(running.items()):
+                if proc.poll() is not None:
+                    del running[slot]
+                    log.close()
+                    if proc.returncode != 0:
+                        how = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
+                               else f"exit {proc.returncode}")
+                        raise MedsegError(
+                            f"fold {k} training failed on {devices[slot]} ({how}); see "
+                            f"{out_dir / f'fold_{k}' / 'train.log'}; any other fold still training was "
+                            "stopped: fix the cause and rerun the same command to resume")
+    except BaseException:
+        _stop_children([(proc, log) for _, proc, log in running.values()])
+        raise
 
 
 def evaluate_fold(fold: int, datalist: str | Path, data_root: str | Path, fold_dir: str | Path,

@@ -26,7 +26,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from medseg.data.inputs import InputCase, case_headers, check_outputs, output_convention, write_manifest
+from medseg.data.inputs import InputCase, case_headers, output_convention, run_batch
 from medseg.data.io import load_array, write_label_map
 from medseg.errors import DataError, MedsegError
 from medseg.labels import CHANNELS, regions_to_labels
@@ -227,23 +227,20 @@ def edge_predict_all(model: str | Path, cases: Sequence[InputCase], out_dir: str
                      et_min_ml: float | None = None) -> list[Path]:
     """`medseg predict --engine onnx`: every case → ``out_dir/<case_id>.nii.gz`` in the
     input's label convention (or `convention`); post-processing from the metadata
-    unless given."""
-    import time
+    unless given. The batch rules are `medseg.data.inputs.run_batch`'s."""
     out_dir = Path(out_dir)
-    targets = [out_dir / f"{c.case_id}.nii.gz" for c in cases]
-    check_outputs(out_dir, cases, input_root, targets, overwrite)
+    targets = [[out_dir / f"{c.case_id}.nii.gz"] for c in cases]
     pred = EdgePredictor(model, min_component_ml=min_component_ml, et_min_ml=et_min_ml)
     conv, why = output_convention(cases, convention, pred.meta["label_convention"])
     print_fn(f"labels: {conv} (from {why})")
-    t0 = time.perf_counter()
-    for i, (case, target) in enumerate(zip(cases, targets), 1):
-        t = time.perf_counter()
-        pred.predict(case.images, target, conv, case.channels)
-        print_fn(f"[{i}/{len(cases)}] {case.case_id} → {target} ({time.perf_counter() - t:.1f} s)")
     post = describe_postprocessing(pred.min_component_ml, pred.et_min_ml)
-    write_manifest(out_dir, targets, conv, why, engine="onnx", model=[str(model)],
-                   model_label_convention=pred.meta["label_convention"], postprocessing=post,
-                   min_component_ml=pred.min_component_ml, et_min_ml=pred.et_min_ml)
-    print_fn(f"{len(cases)} masks in {time.perf_counter() - t0:.1f} s with onnxruntime "
+    run = {"label_convention": conv, "convention_source": why, "engine": "onnx",
+           "model": [str(model)], "model_label_convention": pred.meta["label_convention"],
+           "postprocessing": post, "min_component_ml": pred.min_component_ml,
+           "et_min_ml": pred.et_min_ml}
+    res = run_batch(cases, out_dir, input_root, targets, overwrite, run,
+                    lambda case, outs: pred.predict(case.images, outs[0], conv, case.channels), print_fn)
+    skipped = f" ({res['skipped']} already there)" if res["skipped"] else ""
+    print_fn(f"{res['predicted']} masks in {res['seconds']:.1f} s{skipped} with onnxruntime "
              f"({', '.join(pred.session.get_providers())}); labels {conv}; post-processing: {post}")
-    return targets
+    return [t[0] for t in targets]

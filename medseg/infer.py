@@ -24,8 +24,8 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Invertd
 from torch import nn
 
-from medseg.data.inputs import case_headers
 from medseg import __version__
+from medseg.data.inputs import InputCase, case_headers, check_inputs
 from medseg.data.io import load_header, write_label_map, write_nifti
 from medseg.errors import MedsegError
 from medseg.labels import CHANNELS, regions_to_labels
@@ -153,6 +153,7 @@ class Predictor:
         try:
             data = pre(src)
         except Exception as exc:  # noqa: BLE001 - MONAI wraps everything in RuntimeError
+            check_inputs([InputCase(images[0].parent.name, images, list(channels))])  # names the file
             raise MedsegError(f"{images[0].parent}: could not preprocess {', '.join(p.name for p in images)} "
                               f"({str(exc).splitlines()[-1]}); run `medseg data check` on this folder") from None
         img = data[IMAGE]

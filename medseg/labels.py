@@ -14,6 +14,10 @@ brats2024   BraTS 2024 GLI post-treatment (2023 names + RC=4)    1      2      3
 msd         Medical Segmentation Decathlon Task01_BrainTumour    2      1      3
 ==========  ==================================================  =====  =====  =====
 
+BraTS 2023+ case ids name their cohort (``BraTS-GLI-00000-000``: GLI, PED, MEN, MET,
+SSA, GoAT). Only GLI post-treatment data (BraTS 2024) has a label 4, the resection
+cavity; BraTS 2024 PED uses 1-4 with other meanings, the other cohorts 1-3.
+
 Regions (the model's three sigmoid outputs, in this order):
 TC = NCR ∪ ET, WT = NCR ∪ ED ∪ ET, ET. The resection cavity (RC, label 4 of
 brats2024) is not tumour: it belongs to no region, so a three-region model never
@@ -22,6 +26,7 @@ predicts it. Regions map back to labels with precedence ET > TC > WT.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -36,6 +41,9 @@ __all__ = [
     "CONVENTIONS",
     "get_convention",
     "validate_labels",
+    "BRATS_COHORTS",
+    "brats_cohort",
+    "label4_outside_gli_hint",
     "labels_to_regions",
     "regions_to_labels",
 ]
@@ -131,12 +139,56 @@ def get_convention(name: str | LabelConvention) -> LabelConvention:
         ) from None
 
 
-def _hint(found: set[int], conv: LabelConvention) -> str:
-    """A likely cause and fix for label values outside `conv`."""
+#: BraTS 2023+ cohorts (case ids ``BraTS-<cohort>-<patient>-<time point>``) → their labels.
+BRATS_COHORTS: dict[str, str] = {
+    "GLI": "adult glioma: 1 NETC, 2 SNFH, 3 ET; BraTS 2024 post-treatment adds 4 RC",
+    "PED": "paediatric tumours: BraTS 2023 1 NETC, 2 SNFH, 3 ET; BraTS 2024 1 ET, 2 NET, "
+           "3 cystic component, 4 edema",
+    "MEN": "meningioma: 1 NETC, 2 SNFH, 3 ET",
+    "MET": "brain metastases: 1 NETC, 2 SNFH, 3 ET",
+    "SSA": "sub-Saharan African glioma: 1 NETC, 2 SNFH, 3 ET",
+    "GoAT": "generalisability across tumours: 1 NETC, 2 SNFH, 3 ET",
+}
+
+_COHORT = re.compile(r"BraTS-(?P<cohort>[A-Za-z]+)-\d+")
+
+
+def brats_cohort(name: str) -> str | None:
+    """The BraTS 2023+ cohort a case id or file path names (the last one in a path):
+    ``BraTS-PED-00012-000`` → ``"PED"``; None when it names none."""
+    found = _COHORT.findall(str(name))
+    return found[-1] if found else None
+
+
+def label4_outside_gli_hint(*cohorts: str | None) -> str:
+    """Why label 4 under BraTS 2023+ names is refused in cases of `cohorts` (not GLI;
+    None: an id naming no cohort), and the fix."""
+    why = []
+    for cohort in dict.fromkeys(cohorts):
+        if cohort == "PED":
+            why.append("BraTS 2024 PED labels mean 1 ET, 2 NET, 3 cystic component, 4 edema, "
+                       "which no medseg convention reads: relabel them to brats2023 first "
+                       "(e.g. 1→3, 2→1, 3→1, 4→2, which gives TC = ET ∪ NET ∪ CC, WT = all)")
+        elif cohort in BRATS_COHORTS:
+            why.append(f"BraTS {cohort} labels are 1-3 ({BRATS_COHORTS[cohort]})")
+        else:
+            why.append("a case id naming no BraTS cohort (expected BraTS-<cohort>-<patient>-"
+                       f"<time point>, cohort one of {', '.join(BRATS_COHORTS)}) is not GLI")
+    return ("label 4 is read as the resection cavity only in BraTS 2024 GLI post-treatment cases "
+            f"(BraTS-GLI-...); {'; '.join(why)}. If these are GLI-style post-treatment labels "
+            "(4 = resection cavity), pass --convention brats2024; if 4 is ET (BraTS 2018-2021 "
+            "labels), --convention brats2021")
+
+
+def _hint(found: set[int], conv: LabelConvention, source: str = "") -> str:
+    """A likely cause and fix for label values outside `conv` (`source`: the file)."""
     extra = found - conv.allowed
     if conv.name == "brats2021" and 3 in extra and 4 not in found:
         return ("ET seems relabelled from 4 to 3 (as nnU-Net's BraTS conversion does); "
                 "use the original BraTS 2021 labels or --convention brats2023")
+    cohort = brats_cohort(source)
+    if conv.name == "brats2023" and 4 in extra and cohort is not None and cohort != "GLI":
+        return label4_outside_gli_hint(cohort)
     if conv.name == "brats2023" and extra == {4}:
         return ("label 4 is not ET under brats2023: for BraTS 2024 GLI post-treatment data it is "
                 "the resection cavity (RC): use --convention brats2024, which keeps RC out of "
@@ -170,7 +222,7 @@ def validate_labels(values: Iterable[float], convention: str | LabelConvention,
     if bad:
         raise LabelError(
             f"{source}: label values {sorted(bad)} are not allowed by convention "
-            f"'{conv.name}' (found {sorted(found)}); {_hint(found, conv)}")
+            f"'{conv.name}' (found {sorted(found)}); {_hint(found, conv, source)}")
 
 
 def labels_to_regions(label: np.ndarray, convention: str | LabelConvention) -> np.ndarray:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from medseg.data.inputs import InputCase, cases_from_input, check_outputs, output_convention, write_manifest
+from medseg.data.inputs import InputCase, cases_from_input, output_convention, run_batch
 from medseg.errors import MedsegError
 from medseg.infer import Predictor, predict_case
 from medseg.postprocess import describe_postprocessing
@@ -52,28 +52,30 @@ def default_postprocessing(model: Sequence[str | Path]) -> dict:
 def predict_all(predictor: Predictor, cases: list[InputCase], out_dir: str | Path,
                 input_root: Path | None, convention: str | None = None, overwrite: bool = False,
                 probabilities: bool = False, print_fn: Callable[[str], None] = print) -> list[Path]:
-    """Predict every case into ``out_dir/<case_id>.nii.gz``; returns the written paths."""
+    """Predict every case into ``out_dir/<case_id>.nii.gz`` (`medseg.data.inputs.run_batch`:
+    inputs checked first, an interrupted batch continued); returns the mask paths."""
     out_dir = Path(out_dir)
-    targets = [out_dir / f"{c.case_id}.nii.gz" for c in cases]
-    probs = [out_dir / "probabilities" / f"{c.case_id}.nii.gz" for c in cases]
-    check_outputs(out_dir, cases, input_root, targets + (probs if probabilities else []), overwrite)
+    targets = [[out_dir / f"{c.case_id}.nii.gz"]
+               + ([out_dir / "probabilities" / f"{c.case_id}.nii.gz"] if probabilities else [])
+               for c in cases]
     conv, why = output_convention(cases, convention, predictor.meta["label_convention"])
     print_fn(f"labels: {conv} (from {why})")
-    t0 = time.perf_counter()
-    for i, (case, target) in enumerate(zip(cases, targets), 1):
-        t = time.perf_counter()
-        predict_case(predictor, case.images, conv, target, case.channels,
-                     probs[i - 1] if probabilities else None)
-        print_fn(f"[{i}/{len(cases)}] {case.case_id} → {target} ({time.perf_counter() - t:.1f} s)")
     post = describe_postprocessing(predictor.min_component_ml, predictor.et_min_ml)
-    write_manifest(out_dir, targets, conv, why, engine="torch", model=predictor.checkpoints,
-                   model_label_convention=predictor.meta["label_convention"],
-                   mirror_tta=predictor.mirror, postprocessing=post,
-                   min_component_ml=predictor.min_component_ml, et_min_ml=predictor.et_min_ml)
-    print_fn(f"{len(cases)} masks in {time.perf_counter() - t0:.1f} s; labels {conv}, "
+    run = {"label_convention": conv, "convention_source": why, "engine": "torch",
+           "model": predictor.checkpoints, "model_label_convention": predictor.meta["label_convention"],
+           "mirror_tta": predictor.mirror, "probabilities": probabilities, "postprocessing": post,
+           "min_component_ml": predictor.min_component_ml, "et_min_ml": predictor.et_min_ml}
+
+    def one(case: InputCase, outs: list[Path]) -> None:
+        predict_case(predictor, case.images, conv, outs[0], case.channels,
+                     outs[1] if probabilities else None)
+
+    res = run_batch(cases, out_dir, input_root, targets, overwrite, run, one, print_fn)
+    skipped = f" ({res['skipped']} already there)" if res["skipped"] else ""
+    print_fn(f"{res['predicted']} masks in {res['seconds']:.1f} s{skipped}; labels {conv}, "
              f"{len(predictor.models)} model(s){', mirror TTA' if predictor.mirror else ''}; "
              f"post-processing: {post}")
-    return targets
+    return [t[0] for t in targets]
 
 
 def predict_input(predictor: Predictor, input: str | Path, out_dir: str | Path,

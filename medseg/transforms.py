@@ -120,7 +120,10 @@ def train_augmentation(patch: Sequence[int], pos: float = 2.0, neg: float = 1.0)
                                num_samples=1, allow_smaller=True),
         RandRotated(keys, range_x=0.26, range_y=0.26, range_z=0.26, prob=0.2,
                     mode=("bilinear", "nearest"), padding_mode="zeros", keep_size=True),
-        RandZoomd(keys, min_zoom=0.85, max_zoom=1.15, prob=0.2, mode=("trilinear", "nearest"),
+        # "nearest-exact", not "nearest": torch's legacy nearest reads source voxel
+        # floor(i·s) instead of the trilinear grid's nearest, floor((i + ½)·s), shifting
+        # the label up to one voxel from the image (e.g. zoom 1.13 on a 40-voxel axis).
+        RandZoomd(keys, min_zoom=0.85, max_zoom=1.15, prob=0.2, mode=("trilinear", "nearest-exact"),
                   keep_size=True),
         RandFlipd(keys, prob=0.5, spatial_axis=0),
         RandFlipd(keys, prob=0.5, spatial_axis=1),

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import sys
+import threading
+import time
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from medseg import cv
 from medseg.cli import main
 from medseg.config import resolve_config
 from medseg.cv import format_summary, run_cv
@@ -107,3 +113,101 @@ def test_cv_option_errors(split, tmp_path, capsys):
     assert "out-of-fold" in capsys.readouterr().out
     assert main([*args, "--fold", "0", "--set", "train.lr=0.5"]) == 2
     assert "another configuration" in capsys.readouterr().err
+
+
+# --- parallel fold training leaves no trainer behind -------------------------------------
+
+_REAL_SLEEP = time.sleep     # kept before a test replaces time.sleep
+
+
+def _sleeper(cfg_path, datalist, data_root, fold, fold_dir, device, resume):
+    """A cheap stand-in for `medseg train`: writes its PID to fold_<k>/pid, then sleeps."""
+    code = (f"import os, time; open({str(fold_dir / 'pid.tmp')!r}, 'w').write(str(os.getpid())); "
+            f"os.replace({str(fold_dir / 'pid.tmp')!r}, {str(fold_dir / 'pid')!r}); time.sleep(60)")
+    return [sys.executable, "-c", code]
+
+
+def _pids(out, n, timeout=5.0):
+    """PIDs of the stand-in trainers of folds 0..n-1, once all have started (or, after
+    `timeout`, of those that did: fewer than `n` means they did not run at once)."""
+    files = [out / f"fold_{k}" / "pid" for k in range(n)]
+    deadline = time.monotonic() + timeout
+    while not all(f.exists() for f in files) and time.monotonic() < deadline:
+        _REAL_SLEEP(0.02)
+    return [int(f.read_text()) for f in files if f.exists()]
+
+
+def _gone(pid):
+    """True when `pid` no longer exists at all (not running, and not an unreaped zombie)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _open_logs():
+    """Files named train.log that this process still holds open."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.endswith("train.log"):
+            out.append(target)
+    return out
+
+
+@pytest.fixture
+def stand_in_trainers(monkeypatch, tmp_path):
+    """Patch `medseg train` with sleepers; afterwards SIGKILL any that survived the test."""
+    monkeypatch.setattr(cv, "_train_command", _sleeper)
+    monkeypatch.setattr(cv, "POLL_S", 0.05)
+    seen: list[int] = []
+    yield tmp_path / "exp", seen
+    for pid in seen:
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_parallel_fold_failure_stops_the_other_trainers(stand_in_trainers):
+    out, seen = stand_in_trainers
+
+    def kill_fold_1():
+        pids = _pids(out, 3)
+        seen.extend(pids)
+        os.kill(pids[1] if len(pids) == 3 else pids[0], signal.SIGKILL)   # (else: fail fast)
+
+    killer = threading.Thread(target=kill_fold_1)
+    killer.start()
+    t0 = time.monotonic()
+    with pytest.raises(MedsegError, match=r"fold 1 training failed on cpu \(killed by signal 9\)") as exc:
+        cv._train_folds_parallel([0, 1, 2], ["cpu", "cpu", "cpu"], out / "config.json", "dl.json",
+                                 "data", out, quiet)
+    killer.join()
+    assert str(out / "fold_1" / "train.log") in str(exc.value)
+    assert len(seen) == 3, "all three folds ran at once (one per listed device)"
+    assert [pid for pid in seen if not _gone(pid)] == [], "trainers left running or unreaped"
+    assert _open_logs() == []
+    assert time.monotonic() - t0 < 8
+
+
+def test_parallel_ctrl_c_stops_every_trainer(stand_in_trainers, monkeypatch):
+    out, seen = stand_in_trainers
+
+    def interrupt_once_started(seconds):
+        # Ctrl-C arrives in the polling loop once every trainer runs; later sleeps
+        # (e.g. inside Popen.wait) are real.
+        if not seen:
+            seen.extend(_pids(out, 3))
+            raise KeyboardInterrupt
+        _REAL_SLEEP(seconds)
+
+    monkeypatch.setattr(cv.time, "sleep", interrupt_once_started)
+    with pytest.raises(KeyboardInterrupt):
+        cv._train_folds_parallel([0, 1, 2], ["cpu", "cpu", "cpu"], out / "config.json", "dl.json",
+                                 "data", out, quiet)
+    assert len(seen) == 3
+    assert [pid for pid in seen if not _gone(pid)] == [], "trainers left running or unreaped"
+    assert _open_logs() == []

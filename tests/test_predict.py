@@ -102,9 +102,15 @@ def test_predict_refuses_unsafe_or_bad_input(trained, tmp_path, capsys):
     assert main([*args, "--out", str(data / "masks")]) == 2
     assert "inside the input folder" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "o")]) == 0
-    assert main([*args, "--out", str(tmp_path / "o")]) == 2
-    assert "--overwrite" in capsys.readouterr().err
-    assert main([*args, "--out", str(tmp_path / "o"), "--overwrite"]) == 0
+    assert "post-processing: none" in capsys.readouterr().out
+    # The same run again has nothing left to do; other settings need --overwrite.
+    assert main([*args, "--out", str(tmp_path / "o")]) == 0
+    assert "continuing" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "o"), "--min-component-ml", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "min_component_ml was 0.0" in err
+    assert main([*args, "--out", str(tmp_path / "o"), "--overwrite", "--min-component-ml", "0.5"]) == 0
+    assert "components < 0.5 mL removed" in capsys.readouterr().out
     assert tree_fingerprint(data) == before
     case = discover(data).cases[0]
     t1n, t1c, t2w, t2f = case.images
@@ -191,9 +197,9 @@ def test_masks_use_the_inputs_label_convention(trained, dataset, tmp_path, capsy
         got = _mask_values(out)
         assert got <= want and et in got, (layout, got)
         manifest = json.loads((out / "predictions.json").read_text())
-        assert manifest["label_convention"] == layout and manifest["engine"] == engine
-        assert layout in manifest["convention_source"]
-        assert manifest["model_label_convention"] == "brats2021"
+        assert manifest["label_convention"] == layout and manifest["run"]["engine"] == engine
+        assert layout in manifest["run"]["convention_source"] and manifest["status"] == "complete"
+        assert manifest["run"]["model_label_convention"] == "brats2021"
         assert f"labels: {layout}" in capsys.readouterr().out
         mask = nib.load(next(out.glob("*.nii.gz")))
         assert mask.header["descrip"].item().endswith(f"labels={layout}".encode())
@@ -234,3 +240,74 @@ def test_masks_use_the_inputs_label_convention(trained, dataset, tmp_path, capsy
     assert "labels: brats2021" in said and "--convention" in said
     assert main([*base, *plain, "--out", str(tmp_path / "n2"), "--convention", "brats2023"]) == 0
     assert json.loads((tmp_path / "n2" / "predictions.json").read_text())["label_convention"] == "brats2023"
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+def test_truncated_input_named_before_any_mask_is_written(trained, tmp_path, capsys, engine):
+    run, root = trained
+    model = run
+    if engine == "onnx":
+        assert main(["export", "--model", str(run / "fold_0"), "--out", str(tmp_path / "m.onnx")]) == 0
+        model = tmp_path / "m.onnx"
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    bad = discover(data).cases[-1].images[2]       # the last case's T2: found only at the end
+    _truncate(bad)
+    out = tmp_path / "masks"
+    capsys.readouterr()
+    assert main(["predict", "--engine", engine, "--model", str(model), "--input", str(data),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "truncated or corrupt" in err and "Traceback" not in err
+    assert "Compose" not in err and "Transform" not in err
+    assert not list(out.glob("*.nii.gz")) and not (out / "predictions.json").exists()
+
+
+def test_torch_engine_names_the_truncated_file_when_called_directly(trained, tmp_path):
+    # cv and the bundle call the Predictor without the batch pre-check.
+    from medseg.errors import DataError
+    run, root = trained
+    case = discover(root).cases[0]
+    images = []
+    for p in case.images:
+        shutil.copy(p, tmp_path / p.name)
+        images.append(tmp_path / p.name)
+    _truncate(images[3])
+    with pytest.raises(DataError, match="truncated or corrupt") as exc:
+        Predictor(resolve_checkpoints([run])[:1]).labels(images, "brats2023")
+    assert str(images[3]) in str(exc.value)
+
+
+def test_interrupted_batch_is_continued(trained, tmp_path, capsys, monkeypatch):
+    import medseg.predict as mp
+    run, root = trained
+    out = tmp_path / "masks"
+    real, calls = mp.predict_case, []
+
+    def flaky(*a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(a[1])
+        return real(*a, **k)
+
+    monkeypatch.setattr(mp, "predict_case", flaky)
+    args = ["predict", "--model", str(run / "fold_0"), "--input", str(root), "--out", str(out)]
+    assert main(args) == 130                       # Ctrl-C during the third case
+    first = sorted(out.glob("*.nii.gz"))
+    assert len(first) == 2
+    assert json.loads((out / "predictions.json").read_text())["status"] == "running"
+    stamps = {p: p.stat().st_mtime_ns for p in first}
+    monkeypatch.setattr(mp, "predict_case", real)
+    capsys.readouterr()
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    n = len(discover(root).cases)
+    assert f"2 of {n} cases already predicted" in said and f"{n - 2} masks in" in said
+    assert len(list(out.glob("*.nii.gz"))) == n
+    assert {p: p.stat().st_mtime_ns for p in first} == stamps      # finished masks untouched
+    assert json.loads((out / "predictions.json").read_text())["status"] == "complete"

@@ -1,6 +1,8 @@
 import numpy as np
+import pytest
 import torch
-from monai.data import load_decathlon_datalist
+from monai.data import MetaTensor, load_decathlon_datalist
+from monai.transforms import Zoomd
 
 from medseg.cli import main
 from medseg.data.synth import synthesize
@@ -50,13 +52,78 @@ def test_preprocessed_regions_and_normalisation(tmp_path):
         assert nib.aff2axcodes(np.asarray(img.affine)) == ("R", "A", "S")
 
 
-def test_augmentation_keeps_pairs_aligned(tmp_path):
-    dl, items = _first(tmp_path, "brats2021")
-    pre = preprocessing(dl["channels"], "brats2021", spacing=(2.5, 2.5, 2.5))
+def _blobs(shape=(48, 44, 40)):
+    """(3, X, Y, Z) multi-hot TC/WT/ET of nested off-centre ellipsoids (no symmetry a
+    flip could hide) and a (4, X, Y, Z) image derived from it: 1000 inside each
+    region (channels TC, WT, ET, WT), 1 outside."""
+    x, y, z = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+
+    def ellipsoid(c, a):
+        return ((x - c[0]) / a[0]) ** 2 + ((y - c[1]) / a[1]) ** 2 + ((z - c[2]) / a[2]) ** 2 <= 1
+
+    tc, wt, et = ellipsoid((28, 22, 19), (11, 9, 8)), ellipsoid((26, 20, 18), (16, 13, 11)), \
+        ellipsoid((30, 23, 20), (7, 6, 5))
+    label = torch.as_tensor(np.stack([tc, wt, et]).astype(np.float32))
+    image = torch.cat([label, label[1:2]]) * 1000 + 1
+    return {"image": MetaTensor(image), "label": MetaTensor(label)}
+
+
+def _contradictions(image, label) -> int:
+    """Voxels whose label contradicts the image beyond what interpolation allows.
+
+    A nearest-neighbour label copies the source voxel nearest to the sampling point;
+    trilinear weights that voxel at least 1/8, so a labelled voxel holds ≥ 1/8 of the
+    foreground intensity F and an unlabelled one ≤ 7/8. Gamma 0.7-1.5 (on the
+    image's range) moves these bounds to 0.125^1.5 = 0.044 F and 0.875^0.7 = 0.911 F;
+    scaling moves F itself; shift (±0.1) and noise (σ 0.05) are negligible against
+    F ≈ 1000. So in an aligned pair no labelled voxel is below 0.02 F and no
+    unlabelled one above 0.95 F, while a label displaced by one voxel has both.
+    """
+    image, label = torch.as_tensor(image), torch.as_tensor(label) > 0.5
+    f = float(image.max())
+    if f < 500:                      # crop without foreground: the label must be empty too
+        return int(label.sum())
+    rel = image[:3] / f              # image channels TC, WT, ET ↔ label channels
+    return int((label & (rel < 0.02)).sum() + (~label & (rel > 0.95)).sum())
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: torch's thread pool costs more than it saves (measured 20× slower
+    with 2 threads on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_augmentation_keeps_pairs_aligned(one_thread):
+    d = _blobs()
     aug = train_augmentation((32, 32, 32))
-    aug.set_random_state(0)
-    d = pre(items[0])
-    for _ in range(3):
+    applied, peaks = set(), set()
+    for seed in range(32):
+        aug.set_random_state(seed)
         s = aug(d)[0]
         assert s["image"].shape == (4, 32, 32, 32) and s["label"].shape == (3, 32, 32, 32)
         assert set(torch.unique(s["label"]).tolist()) <= {0.0, 1.0}
+        ops = [op for op in s["label"].applied_operations if op.get("do_transforms", True)]
+        applied.update(op["class"] for op in ops)
+        peaks.add(round(float(s["image"].max())))
+        assert _contradictions(s["image"], s["label"]) == 0, \
+            f"seed {seed}: label and image disagree after {[op['class'] for op in ops]}"
+        # Negative controls, so the check provably can fail: the same sample with the
+        # image alone flipped, or moved by one voxel.
+        assert _contradictions(torch.flip(s["image"].as_tensor(), [1]), s["label"]) > 100
+        assert _contradictions(torch.roll(s["image"].as_tensor(), 1, 2), s["label"]) > 100
+    # The seeds exercised every spatial transform and the intensity scaling.
+    assert {"RandCropByPosNegLabel", "RandRotated", "RandZoomd", "RandFlipd"} <= applied, applied
+    assert min(peaks) < 990 and max(peaks) > 1010, peaks
+
+
+def test_alignment_check_catches_a_half_voxel_label_shift():
+    """torch's legacy "nearest" zoom samples the label from floor(i·s), up to a voxel
+    from where trilinear samples the image: the check must see that."""
+    d = _blobs()
+    for mode, bad in (("nearest", True), ("nearest-exact", False)):
+        z = Zoomd(["image", "label"], zoom=1.13, mode=("trilinear", mode), keep_size=True)(d)
+        assert (_contradictions(z["image"], z["label"]) > 0) == bad, mode

@@ -29,7 +29,8 @@ import numpy as np
 
 from medseg.data.io import is_nifti, load_array, load_header, nifti_stem
 from medseg.errors import DataError, LabelError
-from medseg.labels import CHANNELS, LabelConvention, get_convention, validate_labels
+from medseg.labels import (CHANNELS, CONVENTIONS, LabelConvention, brats_cohort, get_convention,
+                           label4_outside_gli_hint, validate_labels)
 
 __all__ = [
     "Layout",
@@ -261,32 +262,63 @@ def scan_labels(cases: list[Case], convention: str | LabelConvention | None = No
         return list(pool.map(lambda c: _scan_one(c, conv), todo))
 
 
-def likely_convention(layout: Layout, found: set[float]) -> str:
-    """BraTS 2023 names with both 3 and 4 are BraTS 2024 GLI post-treatment data."""
+def _label4_outside_gli(scans: list[LabelScan]) -> list[LabelScan]:
+    """Cases holding label 4 whose id names no GLI cohort (BraTS-PED-..., unknown ids)."""
+    return [s for s in scans if 4 in s.values and brats_cohort(s.case_id) != "GLI"]
+
+
+def likely_convention(layout: Layout, found: set[float], scans: list[LabelScan]) -> str:
+    """BraTS 2023 names with both 3 and 4 are BraTS 2024 GLI post-treatment data,
+    unless `scans` show label 4 in a case outside the GLI cohort (then ``brats2023``,
+    against which such cases fail)."""
     if layout.convention == "brats2023" and 4 in found and 3 in found:
-        return "brats2024"
+        if not _label4_outside_gli(scans):
+            return "brats2024"
     return layout.convention
+
+
+def _case_list(scans: list[LabelScan], limit: int = 5) -> str:
+    """``id (found [0, 1, 2, 4])`` for the first `limit` cases, then how many more."""
+    text = ", ".join(f"{s.case_id} (found {sorted(int(v) for v in s.values)})" for s in scans[:limit])
+    return text + (f" and {len(scans) - limit} more" if len(scans) > limit else "")
 
 
 def detect_convention(dataset: Dataset, scans: list[LabelScan]) -> LabelConvention:
     """The layout's label convention, checked against the values actually found.
 
     BraTS 2023 names with label 4 are BraTS 2024 GLI post-treatment data (4 =
-    resection cavity), recognised as ``brats2024`` only when ET (3) also occurs:
-    label 4 without any 3 looks like BraTS 2021 labels under new names, and
-    reading it as RC would silently empty ET, so that is an error.
+    resection cavity), recognised as ``brats2024`` only when every case holding
+    4 is a GLI case (``BraTS-GLI-...``) and ET (3) also occurs. Label 4 elsewhere
+    is an error naming the cases: BraTS 2024 PED uses 1-4 with other meanings
+    (1 ET, 2 NET, 3 cystic component, 4 edema), MEN/MET/SSA/GoAT use 1-3. Label 4
+    without any 3 looks like BraTS 2021 labels under new names; reading it as RC
+    would silently empty ET, so that is an error too. Each error suggests
+    ``--convention``, which skips this detection.
     """
     found: set[float] = set()
     for s in scans:
         found.update(s.values)
-    conv = get_convention(likely_convention(dataset.layout, found))
+    where = f"{dataset.root} ({dataset.layout.name} layout)"
+    if dataset.layout.convention == "brats2023" and 4 in found:
+        odd = _label4_outside_gli(scans)
+        if odd:
+            b23 = get_convention("brats2023")
+            raise LabelError(
+                f"{where}: label 4 found outside the GLI cohort, in case(s) {_case_list(odd)}; "
+                f"expected labels {sorted(b23.allowed)} ({b23.description}) for these cases: "
+                + label4_outside_gli_hint(*(brats_cohort(s.case_id) for s in odd)))
+    conv = get_convention(likely_convention(dataset.layout, found, scans))
     bad = found - conv.allowed
     if bad:
-        where = [s.case_id for s in scans if set(s.values) & bad][:5]
+        cases = [s for s in scans if set(s.values) & bad]
         try:
-            validate_labels(sorted(found), conv, source=f"{dataset.root} ({dataset.layout.name} layout)")
+            validate_labels(sorted(found), conv, source=where)
         except LabelError as exc:
-            raise LabelError(f"{exc}; cases with these values include {', '.join(where)}") from None
+            msg = f"{exc}; cases with these values include {_case_list(cases)}"
+            if "--convention" not in msg:
+                msg += (f"; if you know the labels' convention, pass it with --convention "
+                        f"({', '.join(CONVENTIONS)})")
+            raise LabelError(msg) from None
     return conv
 
 

@@ -4,20 +4,24 @@ from a data folder, a datalist or four explicit files, and the output-safety rul
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from medseg.data.discover import LAYOUTS, discover
 from medseg.data.folds import load_datalist
-from medseg.data.io import is_nifti, load_header, nifti_stem, write_json
+from medseg.data.io import is_nifti, load_array, load_header, nifti_stem, write_json
 from medseg.errors import DataError, MedsegError
 from medseg.labels import CHANNELS, get_convention
 
 __all__ = ["InputCase", "cases_from_input", "single_case", "output_convention", "write_manifest",
-           "case_headers", "check_outputs"]
+           "case_headers", "check_inputs", "run_batch", "MANIFEST"]
 
 
 @dataclass
@@ -115,14 +119,14 @@ def output_convention(cases: Sequence[InputCase], override: str | None,
                               "pass --convention to choose")
 
 
-def write_manifest(out_dir: Path, targets: Sequence[Path], convention: str, source: str,
-                   **facts) -> Path:
-    """``out_dir/predictions.json``: the label convention of the masks (and why), the
-    label values, and `facts` (model, engine, post-processing …), written atomically."""
-    out = Path(out_dir) / "predictions.json"
-    write_json({"label_convention": convention, "convention_source": source,
-                "labels": get_convention(convention).to_dict(), **facts,
-                "masks": [Path(t).name for t in targets]}, out)
+def write_manifest(out_dir: Path, masks: Sequence[Path], status: str, run: dict) -> Path:
+    """``out_dir/predictions.json``, written atomically: the run's settings `run`
+    (label convention and why, model, engine, post-processing …), the label values
+    of its convention, its status ("running" or "complete") and its masks."""
+    out = Path(out_dir) / MANIFEST
+    write_json({"status": status, "label_convention": run["label_convention"],
+                "labels": get_convention(run["label_convention"]).to_dict(), "run": run,
+                "masks": [Path(t).name for t in masks]}, out)
     return out
 
 
@@ -131,19 +135,83 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def check_outputs(out_dir: Path, cases: Sequence[InputCase], input_root: Path | None,
-                  targets: Sequence[Path], overwrite: bool) -> None:
-    """Refuse an output folder inside an input folder, and existing targets unless
-    `overwrite`."""
+def _check_not_inside(out_dir: Path, cases: Sequence[InputCase], input_root: Path | None) -> None:
     roots = {input_root} if input_root else {c.images[0].parent for c in cases}
     for r in roots:
         if _inside(out_dir, r):
             raise MedsegError(f"--out {out_dir} lies inside the input folder {r}; medseg never "
                               "writes into its inputs: choose an output folder elsewhere")
-    existing = [t for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise MedsegError(f"{existing[0]} already exists ({len(existing)} of {len(targets)} outputs); "
+
+
+MANIFEST = "predictions.json"
+
+
+def _finished(out_dir: Path, targets: Sequence[Sequence[Path]], overwrite: bool, run: dict) -> set[int]:
+    """Indices of cases whose outputs all exist from an earlier run of the same
+    settings (`run`, compared with ``predictions.json``): a re-run continues the
+    batch. Outputs of other settings are an error unless `overwrite`."""
+    done = {i for i, ts in enumerate(targets) if all(t.exists() for t in ts)}
+    some = [t for ts in targets for t in ts if t.exists()]
+    if overwrite or not some:
+        return set()
+    try:
+        old = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        old = None
+    before = old.get("run", {}) if isinstance(old, dict) else {}
+    differ = [k for k, v in run.items() if old is None or before.get(k) != v]
+    if differ:
+        was = ", ".join(f"{k} was {before.get(k)!r}" for k in differ[:3])
+        why = (f"no {MANIFEST} there says which run wrote it" if old is None else
+               f"it was written with other settings ({was})")
+        raise MedsegError(f"{some[0]} already exists ({len(some)} outputs in {out_dir}) and {why}; "
                           "pass --overwrite to replace them, or choose another --out")
+    return done
+
+
+def check_inputs(cases: Sequence[InputCase], jobs: int | None = None) -> None:
+    """Read every file of every case (headers, grids and voxel data: a truncated
+    ``.nii.gz`` shows only when decoded) before any mask is written; the first
+    problem is a `DataError` naming the file, what was expected and the fix.
+    Threads: gzip decoding releases the GIL."""
+    def one(case: InputCase) -> None:
+        for path, head in zip(case.images, case_headers(case.images)):
+            load_array(path, head)
+    with ThreadPoolExecutor(max_workers=jobs or min(4, os.cpu_count() or 1)) as pool:
+        list(pool.map(one, cases))
+
+
+def run_batch(cases: Sequence[InputCase], out_dir: Path, input_root: Path | None,
+              targets: Sequence[Sequence[Path]], overwrite: bool, run: dict,
+              predict_one: Callable[[InputCase, Sequence[Path]], None],
+              print_fn: Callable[[str], None] = print) -> dict:
+    """The batch loop of both engines. Every input is checked before anything is
+    written; ``predictions.json`` (the run's settings `run` and its status) is
+    written first, so an interrupted batch can be continued: a re-run with the
+    same settings skips the cases whose outputs exist (each written atomically,
+    so complete) and predicts the rest. `targets[i]` are case i's outputs, the
+    mask first. Returns {"predicted": n, "skipped": n, "seconds": s}."""
+    out_dir = Path(out_dir)
+    _check_not_inside(out_dir, cases, input_root)
+    done = _finished(out_dir, targets, overwrite, run)
+    todo = [i for i in range(len(cases)) if i not in done]
+    if done:
+        print_fn(f"continuing {out_dir}: {len(done)} of {len(cases)} cases already predicted with the "
+                 f"same settings, {len(todo)} to go")
+    t0 = time.perf_counter()
+    check_inputs([cases[i] for i in todo])
+    if todo:
+        print_fn(f"checked {len(todo)} case(s) in {time.perf_counter() - t0:.1f} s")
+    masks = [ts[0] for ts in targets]
+    write_manifest(out_dir, masks, status="running", run=run)
+    t0 = time.perf_counter()
+    for n, i in enumerate(todo, 1):
+        t = time.perf_counter()
+        predict_one(cases[i], targets[i])
+        print_fn(f"[{n}/{len(todo)}] {cases[i].case_id} → {masks[i]} ({time.perf_counter() - t:.1f} s)")
+    seconds = time.perf_counter() - t0
+    write_manifest(out_dir, masks, status="complete", run=run)
+    return {"predicted": len(todo), "skipped": len(done), "seconds": seconds}
 
 
 def case_headers(images: Sequence[Path]) -> list:

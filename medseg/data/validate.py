@@ -210,7 +210,7 @@ def check_dataset(root: str | Path, convention: str | None = None, jobs: int | N
         except LabelError:
             # Name each offending file against the most likely convention.
             found = {v for s in scans for v in s.values}
-            conv = get_convention(likely_convention(dataset.layout, found))
+            conv = get_convention(likely_convention(dataset.layout, found, scans))
             for case, (_, scan) in zip(dataset.cases, results):
                 if scan is None:
                     continue
