@@ -191,6 +191,10 @@ def run_cv(cfg: dict, datalist: str | Path, data_root: str | Path, out_dir: str 
     out_dir = Path(out_dir)
     dl = load_datalist(datalist)
     k_total = dl["num_folds"]
+    if n_folds is not None and n_folds < 2:
+        raise MedsegError(f"--folds {n_folds}: cross-validation needs at least 2 folds; to train one "
+                          f"model on every case, run `medseg train --datalist {datalist} --data-root "
+                          f"{data_root} --out DIR` without --fold")
     if n_folds is not None and n_folds != k_total:
         raise MedsegError(f"--folds {n_folds}: the datalist {datalist} was split into {k_total} "
                           f"folds; use --folds {k_total} or write a {n_folds}-fold split with "
@@ -199,6 +203,10 @@ def run_cv(cfg: dict, datalist: str | Path, data_root: str | Path, out_dir: str 
     bad = [k for k in todo if not 0 <= k < k_total]
     if bad:
         raise MedsegError(f"--fold {bad[0]}: the datalist {datalist} has folds 0..{k_total - 1}")
+    # Every input is checked before anything is created: a wrong --data-root must
+    # not leave an experiment folder behind.
+    for k in todo:
+        fold_data(datalist, data_root, k)
     cfg_path = out_dir / "config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
@@ -215,11 +223,17 @@ def run_cv(cfg: dict, datalist: str | Path, data_root: str | Path, out_dir: str 
     if devices and len(devices) > 1 and unfinished:
         _train_folds_parallel(unfinished, devices, cfg_path, datalist, data_root, out_dir, print_fn)
     else:
-        for k in unfinished:
+        t_train = time.perf_counter()
+        for n, k in enumerate(unfinished, 1):
             fold_dir = out_dir / f"fold_{k}"
             resume = (fold_dir / CHECKPOINT_DIR / "last.pt").exists()
             train_fold(cfg, datalist, data_root, k, fold_dir, resume=resume,
                        device=(devices[0] if devices else device), print_fn=print_fn)
+            per_fold = (time.perf_counter() - t_train) / n
+            left = len(unfinished) - n
+            print_fn(f"fold {k} trained: {n}/{len(unfinished)} folds in {(time.perf_counter() - t_train) / 60:.1f} min"
+                     + (f"; about {left * per_fold / 60:.1f} min of training left for {left} fold(s)"
+                        if left else ""))
 
     rows = []
     for k in todo:

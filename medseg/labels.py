@@ -37,6 +37,8 @@ from medseg.errors import LabelError, MedsegError
 __all__ = [
     "REGIONS",
     "CHANNELS",
+    "CLASS_COLOURS",
+    "CLASS_NAMES",
     "LabelConvention",
     "CONVENTIONS",
     "get_convention",
@@ -53,6 +55,19 @@ REGIONS: tuple[str, ...] = ("TC", "WT", "ET")
 
 #: Canonical input channel order of medseg models (T1, T1 post-contrast, T2, FLAIR).
 CHANNELS: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+
+
+#: One colour per tumour class (RGB, 0-255), used by every picture medseg draws
+#: (report overlays, the synthetic data preview) with a legend naming the class:
+#: necrosis / non-enhancing core red, edema green, enhancing tumour yellow,
+#: resection cavity blue.
+CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
+    "NCR": (235, 40, 25), "ED": (25, 215, 50), "ET": (255, 225, 0), "RC": (40, 110, 255)}
+
+#: Legend text of each class (every convention's name for it).
+CLASS_NAMES: dict[str, str] = {
+    "NCR": "necrosis / non-enhancing core (NCR, NETC)", "ED": "edema (ED, SNFH)",
+    "ET": "enhancing tumour (ET)", "RC": "resection cavity (RC)"}
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """`medseg report`: quality-control pages for radiologists.
 
 For each predicted case: a PNG with axial, coronal and sagittal FLAIR and T1ce
-slices through the tumour's centre, the mask overlaid (one colour per region:
-edema green, necrosis/NET red, enhancing yellow) and, with references, a second
+slices through the tumour's centre, the mask overlaid (medseg's colour table,
+`medseg.labels.CLASS_COLOURS`, with a legend: edema green, necrosis/NET red,
+enhancing yellow) and, with references, a second
 row showing the reference. An ``index.html`` lists every case with its region
 volumes (mL) and, with references, Dice and HD95. Needs matplotlib (the
 ``viz`` extra).
@@ -20,13 +21,21 @@ from medseg.data.discover import discover
 from medseg.data.io import atomic_path, load_array, load_header
 from medseg.errors import MedsegError
 from medseg.evaluate import evaluate_case, references
-from medseg.labels import REGIONS, labels_to_regions
+from medseg.labels import CLASS_COLOURS, CLASS_NAMES, REGIONS, labels_to_regions
 
-__all__ = ["make_report", "REGION_COLOURS"]
+__all__ = ["make_report", "REGION_COLOURS", "legend"]
 
-#: RGBA overlay colours: edema (WT only), necrosis/NET (TC without ET), enhancing (ET).
-REGION_COLOURS = {"ED": (0.1, 0.85, 0.2, 0.45), "NCR": (0.95, 0.15, 0.1, 0.55),
-                  "ET": (1.0, 0.9, 0.0, 0.6)}
+#: RGBA overlay colours of edema (WT only), necrosis/NET (TC without ET) and
+#: enhancing tumour (ET): medseg's one colour table, half transparent.
+REGION_COLOURS = {k: (*(c / 255 for c in CLASS_COLOURS[k]), 0.55) for k in ("ED", "NCR", "ET")}
+
+
+def legend(fig, classes=("NCR", "ED", "ET")) -> None:
+    """A legend naming each overlay colour, below the pictures."""
+    from matplotlib.patches import Patch
+    fig.legend(handles=[Patch(color=tuple(c / 255 for c in CLASS_COLOURS[k]), label=CLASS_NAMES[k])
+                        for k in classes], loc="lower center", ncol=len(classes), fontsize=8,
+               frameon=False)
 
 
 def _canonical(arr: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -76,7 +85,8 @@ def _case_png(images: dict[str, np.ndarray], rows: list[tuple[str, np.ndarray]],
                 ax.set_title(f"{label}: {name} {view}", fontsize=8)
                 ax.axis("off")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    legend(fig)
     with atomic_path(target) as tmp:
         fig.savefig(tmp, dpi=72, format="png")
     plt.close(fig)

@@ -52,3 +52,20 @@ def test_usage_error_exits_2():
     with pytest.raises(SystemExit) as exc:
         main(["data", "split", "--root", "x"])       # --out missing
     assert exc.value.code == 2
+
+
+def test_every_command_explains_itself_with_examples(capsys):
+    import pytest
+    commands = [["cv"], ["train"], ["predict"], ["evaluate"], ["export"], ["report"], ["demo"],
+                ["data"], ["data", "synth"], ["data", "index"], ["data", "check"], ["data", "split"]]
+    for cmd in commands:
+        with pytest.raises(SystemExit) as exc:
+            main([*cmd, "--help"])
+        assert exc.value.code == 0
+        text = capsys.readouterr().out
+        assert "example" in text and f"medseg {' '.join(cmd)}" in text, cmd
+    with pytest.raises(SystemExit):
+        main(["cv", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    # The default that matters: a bare `medseg cv` runs the 300-epoch GPU recipe.
+    assert "default: full" in text and "300 epochs" in text

@@ -115,6 +115,39 @@ def test_cv_option_errors(split, tmp_path, capsys):
     assert "another configuration" in capsys.readouterr().err
 
 
+def test_one_fold_gets_one_consistent_answer(split, tmp_path, capsys):
+    # `cv --folds 1` and `data split --folds 1` give the same advice, and the
+    # advice works (`medseg train` without --fold trains on every case).
+    dl, root = split("brats2023", cases=6, folds=2)
+    base = ["--datalist", str(dl), "--data-root", str(root), "--preset", "cpu",
+            *[f"--set={s}" for s in TINY_TRAIN]]
+    assert main(["cv", *base, "--folds", "1", "--out", str(tmp_path / "cv")]) == 2
+    err = capsys.readouterr().err
+    assert "at least 2 folds" in err and "medseg train" in err and "Traceback" not in err
+    assert main(["data", "split", "--root", str(root), "--folds", "1", "--out", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert "at least 2 folds" in err and "medseg train" in err
+    assert not (tmp_path / "cv").exists() and not (tmp_path / "s.json").exists()
+    assert main(["train", *base, "--out", str(tmp_path / "all")]) == 0
+    summary = json.loads((tmp_path / "all" / "train_summary.json").read_text())
+    assert summary["train_cases"] == 6 and summary["val_cases"] == 0
+
+
+def test_wrong_data_root_creates_nothing(split, tmp_path, capsys):
+    dl, root = split("brats2023", cases=6, folds=2)
+    out = tmp_path / "exp"
+    assert main(["cv", "--datalist", str(dl), "--data-root", str(tmp_path / "nowhere"), "--out", str(out),
+                 "--preset", "cpu"]) == 2
+    assert "--data-root" in capsys.readouterr().err
+    wrong = tmp_path / "other"
+    wrong.mkdir()
+    assert main(["cv", "--datalist", str(dl), "--data-root", str(wrong), "--out", str(out),
+                 "--preset", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "--data-root" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 # --- parallel fold training leaves no trainer behind -------------------------------------
 
 _REAL_SLEEP = time.sleep     # kept before a test replaces time.sleep

@@ -45,7 +45,9 @@ def assign_folds(case_ids: list[str], patients: list[str], volumes: list[float],
     Deterministic for a given `seed` and input (order-independent).
     """
     if n_folds < 2:
-        raise MedsegError(f"--folds must be at least 2, found {n_folds}")
+        raise MedsegError(f"--folds {n_folds}: a cross-validation split needs at least 2 folds; to "
+                          "train one model on every case, split with --folds 2 (or more) and run "
+                          "`medseg train` without --fold")
     n_patients = len(set(patients))
     if n_patients < n_folds:
         raise MedsegError(

@@ -41,7 +41,7 @@ from scipy import ndimage as ndi
 from medseg.data.discover import LAYOUTS
 from medseg.data.io import atomic_path, write_json, write_nifti
 from medseg.errors import MedsegError
-from medseg.labels import CHANNELS, get_convention
+from medseg.labels import CHANNELS, CLASS_COLOURS, CLASS_NAMES, get_convention
 
 __all__ = ["FOV_MM", "DEMO_SHAPE", "SynthCase", "render_case", "synthesize", "save_preview"]
 
@@ -369,7 +369,9 @@ def save_preview(cases: list[tuple[str, SynthCase]], path: str | Path) -> None:
     cols = ["T1", "T1ce", "T2", "FLAIR", "labels", "T1ce cor.", "T1ce sag."]
     fig, axes = plt.subplots(len(cases), len(cols), figsize=(2.2 * len(cols), 2.3 * len(cases)),
                              squeeze=False, facecolor="black")
-    lab_cmap = ListedColormap([(0, 0, 0, 0), (1, 0.85, 0, 0.55), (0.2, 0.4, 1, 0.7), (1, 0.1, 0.1, 0.8)])
+    # Labels 1 edema, 2 necrosis/NET, 3 enhancing: medseg's one colour table.
+    classes = ("ED", "NCR", "ET")
+    lab_cmap = ListedColormap([(0, 0, 0, 0)] + [(*(c / 255 for c in CLASS_COLOURS[k]), 0.7) for k in classes])
     for row, (cid, case) in enumerate(cases):
         tumour = np.argwhere(case.classes >= ED)
         cx, cy, cz = (tumour.mean(0).astype(int) if len(tumour) else np.array(case.classes.shape) // 2)
@@ -394,7 +396,11 @@ def save_preview(cases: list[tuple[str, SynthCase]], path: str | Path) -> None:
             if row == 0:
                 ax.set_title(cols[col], color="white", fontsize=9)
         axes[row, 0].set_ylabel(f"{cid}\n{case.grade} grade", color="white", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 / max(1, len(cases)) * 2, 1, 1))
+    from matplotlib.patches import Patch
+    fig.legend(handles=[Patch(color=tuple(c / 255 for c in CLASS_COLOURS[k]), label=CLASS_NAMES[k])
+                        for k in ("NCR", "ED", "ET")], loc="lower center", ncol=3, fontsize=8,
+               frameon=False, labelcolor="white")
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, dpi=90, facecolor="black", format="png")
     plt.close(fig)
