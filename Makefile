@@ -1,5 +1,5 @@
 # medseg: the two commands of the README, each doing its own idempotent set-up.
-#   make demo   synthetic BraTS-like data → check → 5-fold split (CPU, minutes)
+#   make demo   synthetic BraTS-like data → check → 5-fold split → 5-fold cross-validation (cpu preset, about 20 min on 2 cores)
 #   make test   the default test suite (slow tests: make test-slow)
 # torch is installed first (TORCH_SPEC), so a CPU machine never pulls CUDA wheels.
 
