@@ -143,7 +143,7 @@ def _cmd_cv(a) -> int:
     out = a.out or f"runs/{Path(a.datalist).stem}_{cfg['preset']}"
     devices = a.devices.split(",") if a.devices else None
     summary = run_cv(cfg, a.datalist, a.data_root, out, a.folds, a.fold, devices, a.device,
-                     print_fn=_say)
+                     print_fn=_say, rules=a.rules)
     print(format_summary(summary))
     print(f"results in {out}: cv_summary.json, cv_metrics.csv, fold_*/predictions/")
     return 0
@@ -180,8 +180,8 @@ def _cmd_predict(a) -> int:
 
 def _cmd_evaluate(a) -> int:
     from medseg.evaluate import evaluate_folder, format_table
-    summary = evaluate_folder(a.pred, a.ref, a.out, a.convention)
-    print(format_table(summary["overall"]))
+    summary = evaluate_folder(a.pred, a.ref, a.out, a.convention, a.rules)
+    print(format_table(summary["overall"], rules=summary["rules"]))
     print(f"per-case metrics: {Path(a.out) / 'metrics.csv'}; summary: {Path(a.out) / 'summary.json'}")
     return 0
 
@@ -218,6 +218,14 @@ def _experiment_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=50 (repeatable)")
     c.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def _rules_arg(c: argparse.ArgumentParser) -> None:
+    from medseg.scoring import DEFAULT_RULES, RULE_SETS
+    c.add_argument("--rules", choices=list(RULE_SETS), default=DEFAULT_RULES,
+                   help=f"scoring rule set (default: {DEFAULT_RULES}); brats23[-ssa|-ped|-men|-met]: "
+                   "BraTS 2023/2024 lesion-wise; brats-eval: the official BraTS-evaluation "
+                   "package (README: 'Scoring rules')")
 
 
 #: What each command is for, and examples, shown by `medseg COMMAND --help`.
@@ -345,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="experiment folder (default: runs/<datalist>_<preset>)")
     c.add_argument("--devices", help="comma-separated devices to train folds in parallel, "
                    "e.g. cuda:0,cuda:1")
+    _rules_arg(c)
     c.set_defaults(func=_cmd_cv)
 
     pr = sub.add_parser("predict", help="masks on each input's own grid from 1..K checkpoints")
@@ -385,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="folder for metrics.csv and summary.json")
     ev.add_argument("--convention", choices=["brats2021", "brats2023", "brats2024", "msd"],
                     help="label convention of both (default: detected from the reference data root)")
+    _rules_arg(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
     ex = sub.add_parser("export", help="checkpoints → one verified, self-describing ONNX file")

@@ -30,10 +30,11 @@ from medseg.config import config_hash
 from medseg.data.folds import load_datalist
 from medseg.data.io import write_json
 from medseg.errors import MedsegError
-from medseg.evaluate import (evaluate_case, format_table, metric_rows, read_rows, summarize,
-                             write_rows)
+from medseg.evaluate import (evaluate_case, format_table, metric_rows, read_rows, rules_of,
+                             summarize, write_rows)
 from medseg.infer import Predictor, predict_case
 from medseg.labels import REGIONS
+from medseg.scoring import DEFAULT_RULES, describe_rules, get_rules
 from medseg.train import CHECKPOINT_DIR, fold_data, train_fold
 
 __all__ = ["run_cv", "evaluate_fold", "format_summary", "choose_et_threshold"]
@@ -123,12 +124,14 @@ def _train_folds_parallel(folds: list[int], devices: Sequence[str], cfg_path: Pa
 
 def evaluate_fold(fold: int, datalist: str | Path, data_root: str | Path, fold_dir: str | Path,
                   checkpoint: str | Path | None = None, device: str | None = None,
-                  print_fn: Callable[[str], None] = print) -> list[dict]:
+                  print_fn: Callable[[str], None] = print, rules: str = DEFAULT_RULES) -> list[dict]:
     """Predict the held-out cases of `fold` with `checkpoint` (default: the fold's
-    ``checkpoints/final.pt``) onto their own grids and score them: writes
-    ``predictions/<case>.nii.gz``, ``metrics.csv`` and ``summary.json`` in `fold_dir`;
-    returns the metric rows. Results newer than the checkpoint are reused (a resumed
-    cross-validation); a newer checkpoint is evaluated afresh."""
+    ``checkpoints/final.pt``) onto their own grids and score them under the rule set
+    `rules`: writes ``predictions/<case>.nii.gz``, ``metrics.csv`` and ``summary.json``
+    in `fold_dir`; returns the metric rows. Results newer than the checkpoint are
+    reused (a resumed cross-validation) when they were scored under the same rules;
+    a newer checkpoint is evaluated afresh, other rules re-score the masks."""
+    get_rules(rules)
     fold_dir = Path(fold_dir)
     ckpt = Path(checkpoint) if checkpoint else fold_dir / CHECKPOINT_DIR / "final.pt"
     if not ckpt.is_file():
@@ -137,7 +140,9 @@ def evaluate_fold(fold: int, datalist: str | Path, data_root: str | Path, fold_d
     stamp = ckpt.stat().st_mtime
     metrics_csv = fold_dir / "metrics.csv"
     if metrics_csv.exists() and metrics_csv.stat().st_mtime >= stamp:
-        return read_rows(metrics_csv)
+        old = read_rows(metrics_csv)
+        if rules_of(old) == rules:
+            return old
     data = fold_data(datalist, data_root, fold)
     if not data.val:
         raise MedsegError(f"fold {fold}: {datalist} has no cases in this fold to evaluate")
@@ -149,13 +154,16 @@ def evaluate_fold(fold: int, datalist: str | Path, data_root: str | Path, fold_d
         if not (target.exists() and target.stat().st_mtime >= stamp):
             images = case["image"] if isinstance(case["image"], list) else [case["image"]]
             predict_case(predictor, images, data.convention, target, data.channels)
-        rows += metric_rows(case["id"], evaluate_case(target, case["label"], data.convention), fold=fold)
+        rows += metric_rows(case["id"], evaluate_case(target, case["label"], data.convention, rules),
+                            rules=rules, fold=fold)
     write_rows(rows, metrics_csv)
-    write_json({"fold": fold, "checkpoint": str(ckpt), "cases": len(data.val),
-                "overall": summarize(rows)}, fold_dir / "summary.json")
-    dice = {r: sum(x["dice"] for x in rows if x["region"] == r) / len(data.val) for r in REGIONS}
-    print_fn(f"fold {fold}: {len(data.val)} held-out cases predicted; Dice "
-             + "  ".join(f"{r} {dice[r]:.3f}" for r in REGIONS))
+    overall = summarize(rows)
+    write_json({"fold": fold, "checkpoint": str(ckpt), "cases": len(data.val), "rules": rules,
+                "overall": overall}, fold_dir / "summary.json")
+    dice = {r: overall[r]["dice"]["mean"] for r in REGIONS}
+    print_fn(f"fold {fold}: {len(data.val)} held-out cases predicted; Dice ({rules}) "
+             + "  ".join(f"{r} {dice[r] if dice[r] is not None else float('nan'):.3f}"
+                         for r in REGIONS))
     return rows
 
 
@@ -184,9 +192,10 @@ def choose_et_threshold(rows: list[dict]) -> dict:
 def run_cv(cfg: dict, datalist: str | Path, data_root: str | Path, out_dir: str | Path,
            n_folds: int | None = None, folds: Sequence[int] | None = None,
            devices: Sequence[str] | None = None, device: str | None = None,
-           print_fn: Callable[[str], None] = print) -> dict:
-    """Run (or continue) the cross-validation; returns the summary written to
-    ``cv_summary.json``."""
+           print_fn: Callable[[str], None] = print, rules: str = DEFAULT_RULES) -> dict:
+    """Run (or continue) the cross-validation, scoring out-of-fold cases under the
+    rule set `rules`; returns the summary written to ``cv_summary.json``."""
+    rule_set = get_rules(rules)
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     dl = load_datalist(datalist)
@@ -238,19 +247,23 @@ def run_cv(cfg: dict, datalist: str | Path, data_root: str | Path, out_dir: str 
     rows = []
     for k in todo:
         rows += evaluate_fold(k, datalist, data_root, out_dir / f"fold_{k}", device=device,
-                              print_fn=print_fn)
+                              print_fn=print_fn, rules=rules)
     write_rows(rows, out_dir / "cv_metrics.csv")
     summary = {
         "datalist": str(datalist), "folds": todo, "num_folds": k_total,
         "cases": len({r["case"] for r in rows}),
         "checkpoint": "final (out-of-fold cases never choose the checkpoint)",
-        "metric_conventions": "BraTS: HD95 pools both directions; both empty → Dice 1, HD95 0; "
-                              "one empty → Dice 0, HD95 373.13 mm",
+        "rules": rules, "metric_conventions": rule_set.description,
+        "rule_set": describe_rules(rule_set),
         "overall": summarize(rows),
         "per_fold": {str(k): summarize([r for r in rows if int(r["fold"]) == k]) for k in todo},
         "seconds_this_run": time.perf_counter() - t0,
     }
-    post = choose_et_threshold(rows)
+    # The ET threshold is a model property, chosen under "both empty → Dice 1" whatever
+    # the rules (Dice of non-empty masks is the same under every rule set; brats-eval's
+    # NaN for both empty would leave nothing to gain from removing a spurious ET).
+    post = choose_et_threshold([{**r, "dice": 1.0} if r["vol_pred_ml"] == 0 == r["vol_ref_ml"]
+                                else r for r in rows])
     summary["postprocessing"] = post
     write_json(post, out_dir / "postprocessing.json")
     write_json(summary, out_dir / "cv_summary.json")
@@ -260,5 +273,5 @@ def run_cv(cfg: dict, datalist: str | Path, data_root: str | Path, out_dir: str 
 def format_summary(summary: dict) -> str:
     """The table printed at the end of `medseg cv`."""
     folds = [(f"fold {k}", block) for k, block in summary["per_fold"].items()]
-    return (format_table(summary["overall"], folds)
+    return (format_table(summary["overall"], folds, summary.get("rules", DEFAULT_RULES))
             + f"\nout-of-fold, {summary['cases']} cases, folds {summary['folds']}")

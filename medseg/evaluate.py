@@ -1,9 +1,11 @@
 """Evaluation of label-map files against references, per case and region.
 
 Used by `medseg cv` for out-of-fold predictions (and by `medseg evaluate`).
-Metric conventions are those of `medseg.metrics` (BraTS: pooled HD95, empty-mask
-rules, 373.13 mm penalty). Both files must lie on the same grid: a prediction on
-another grid is an error, never a resampled guess.
+Scores follow a named rule set (`medseg.scoring`, default brats21: pooled HD95,
+both empty → Dice 1, one empty → 373.13 mm). Every row, CSV and summary names its
+rule set, and rows scored under different rule sets are never summarised together.
+Both files must lie on the same grid: a prediction on another grid is an error,
+never a resampled guess.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from medseg.data.discover import discover, resolve_convention
 from medseg.data.io import atomic_path, is_nifti, load_array, load_header, nifti_stem, write_json
 from medseg.errors import DataError, MedsegError
 from medseg.labels import CONVENTIONS, REGIONS, get_convention, labels_to_regions, validate_labels
-from medseg.metrics import METRICS, case_metrics
+from medseg.metrics import score_case
+from medseg.scoring import ALL_METRICS, DEFAULT_RULES, describe_rules, get_rules, rule_metrics
 
 __all__ = ["load_regions", "evaluate_case", "metric_rows", "summarize", "write_rows", "read_rows",
-           "references", "evaluate_folder", "format_table"]
+           "references", "evaluate_folder", "format_table", "rules_of"]
 
 
 def _check_recorded_convention(path: Path, img, convention: str) -> None:
@@ -53,32 +56,54 @@ def load_regions(path: str | Path, convention: str) -> tuple[np.ndarray, np.ndar
         tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
-def evaluate_case(pred: str | Path, ref: str | Path, convention: str) -> dict[str, dict[str, float]]:
-    """{region: {metric: value}} for one prediction file against its reference."""
+def evaluate_case(pred: str | Path, ref: str | Path, convention: str,
+                  rules: str = DEFAULT_RULES) -> dict[str, dict[str, float]]:
+    """{region: {metric: value}} for one prediction file against its reference, scored
+    under the rule set named `rules`."""
+    rule_set = get_rules(rules)
     p, p_aff, _ = load_regions(pred, convention)
     r, r_aff, spacing = load_regions(ref, convention)
     if p.shape != r.shape or not np.allclose(p_aff, r_aff, atol=1e-3):
         raise DataError(f"{pred}: grid {p.shape[1:]} does not match the reference {ref} "
                         f"{r.shape[1:]} (or their affines differ); predictions must be written on "
                         "the reference image grid (medseg predict does this)")
-    return case_metrics(p, r, spacing)
+    return score_case(p, r, spacing, rule_set)
 
 
-def metric_rows(case_id: str, metrics: dict[str, dict[str, float]], **extra) -> list[dict]:
-    """One row per region: {**extra, case, region, dice, hd95, …}."""
-    return [{**extra, "case": case_id, "region": r, **metrics[r]} for r in REGIONS]
+def metric_rows(case_id: str, metrics: dict[str, dict[str, float]], rules: str = DEFAULT_RULES,
+                **extra) -> list[dict]:
+    """One row per region: {**extra, case, region, rules, dice, hd95, …}."""
+    return [{**extra, "case": case_id, "region": r, "rules": rules, **metrics[r]} for r in REGIONS]
 
 
-def _stats(values: list[float]) -> dict[str, float]:
+def rules_of(rows: Iterable[dict]) -> str:
+    """The one rule set that scored all `rows` (rows without a ``rules`` column predate
+    rule sets and were scored by brats21). Mixed rule sets are an error."""
+    names = {row.get("rules") or DEFAULT_RULES for row in rows}
+    if len(names) > 1:
+        raise MedsegError(f"metric rows scored under different rule sets ({', '.join(sorted(names))}) "
+                          "cannot be summarised together; evaluate them again with one --rules")
+    return names.pop() if names else DEFAULT_RULES
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    """Mean, std, median over the values that are numbers; `n` counts them. NaN (a case
+    the rule set excludes, e.g. both masks empty under brats-eval) is left out; with
+    none left the statistics are null (JSON has no NaN)."""
     v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return {"mean": None, "std": None, "median": None, "n": 0}
     return {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)),
             "n": int(v.size)}
 
 
 def summarize(rows: Iterable[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """{region: {metric: {mean, std, median, n}}} over the rows."""
+    """{region: {metric: {mean, std, median, n}}} over the rows, which must all have
+    been scored under one rule set (its metric columns are summarised)."""
     rows = list(rows)
-    return {r: {m: _stats([row[m] for row in rows if row["region"] == r]) for m in METRICS}
+    metrics = rule_metrics(get_rules(rules_of(rows)))
+    return {r: {m: _stats([row[m] for row in rows if row["region"] == r]) for m in metrics}
             for r in REGIONS if any(row["region"] == r for row in rows)}
 
 
@@ -96,12 +121,15 @@ def write_rows(rows: list[dict], path: str | Path) -> None:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """CSV written by `write_rows` → rows with metric values as floats."""
+    """CSV written by `write_rows` → rows with metric values as floats (and a ``rules``
+    column: brats21 for files written before rule sets existed)."""
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     for row in rows:
-        for m in METRICS:
-            row[m] = float(row[m])
+        row.setdefault("rules", DEFAULT_RULES)
+        for m in ALL_METRICS:
+            if m in row:
+                row[m] = float(row[m])
     return rows
 
 
@@ -125,9 +153,11 @@ def references(ref: Path, convention: str | None) -> tuple[dict[str, Path], str]
 
 
 def evaluate_folder(pred: str | Path, ref: str | Path, out: str | Path,
-                    convention: str | None = None) -> dict:
-    """Evaluate every ``<case_id>.nii.gz`` of `pred` against its reference; write
-    ``metrics.csv`` (per case × region) and ``summary.json`` to `out`."""
+                    convention: str | None = None, rules: str = DEFAULT_RULES) -> dict:
+    """Evaluate every ``<case_id>.nii.gz`` of `pred` against its reference under the
+    rule set `rules`; write ``metrics.csv`` (per case × region) and ``summary.json``
+    to `out`."""
+    rule_set = get_rules(rules)
     pred, ref, out = Path(pred), Path(ref), Path(out)
     if not pred.is_dir():
         raise MedsegError(f"--pred {pred}: not a folder")
@@ -140,27 +170,43 @@ def evaluate_folder(pred: str | Path, ref: str | Path, out: str | Path,
                           "case as empty) or evaluate against a folder holding only those predicted")
     rows = []
     for case_id in sorted(refs):
-        rows += metric_rows(case_id, evaluate_case(preds[case_id], refs[case_id], conv))
+        rows += metric_rows(case_id, evaluate_case(preds[case_id], refs[case_id], conv, rules),
+                            rules=rules)
     summary = {"pred": str(pred), "ref": str(ref), "label_convention": conv, "cases": len(refs),
                "unmatched_predictions": sorted(set(preds) - set(refs)),
-               "metric_conventions": "BraTS: HD95 pools both directions; both empty → Dice 1, "
-                                     "HD95 0; one empty → Dice 0, HD95 373.13 mm",
+               "rules": rules, "metric_conventions": rule_set.description,
+               "rule_set": describe_rules(rule_set),
                "overall": summarize(rows)}
     write_rows(rows, out / "metrics.csv")
     write_json(summary, out / "summary.json")
     return summary
 
 
-def format_table(overall: dict, lines_before: list[tuple[str, dict]] = ()) -> str:
+def _cell(stats: dict, fmt: str) -> str:
+    if stats["mean"] is None:
+        return "–"
+    return f"{stats['mean']:{fmt}} ± {stats['std']:{fmt}}"
+
+
+def format_table(overall: dict, lines_before: list[tuple[str, dict]] = (),
+                 rules: str = DEFAULT_RULES) -> str:
     """Mean ± std per region: one Dice line per (name, block) in `lines_before`, then
-    the overall Dice and HD95 lines."""
-    out = [f"{'':8}" + "".join(f"{r:>22}" for r in REGIONS)]
+    the overall Dice and HD95 lines, and the lesion-wise lines when `overall` has them;
+    the last line names the rule set."""
+    out = [f"{'':10}" + "".join(f"{r:>22}" for r in REGIONS)]
+    units = "vox" if get_rules(rules).units == "voxel" else "mm"
 
     def line(name: str, block: dict, metric: str, fmt: str) -> str:
-        cells = [f"{block[r][metric]['mean']:{fmt}} ± {block[r][metric]['std']:{fmt}}" for r in REGIONS]
-        return f"{name:8}" + "".join(f"{c:>22}" for c in cells)
+        return f"{name:10}" + "".join(f"{_cell(block[r][metric], fmt):>22}" for r in REGIONS)
 
     out += [line(name, block, "dice", ".3f") for name, block in lines_before]
     out.append(line("Dice", overall, "dice", ".3f"))
-    out.append(line("HD95 mm", overall, "hd95", ".1f"))
+    out.append(line(f"HD95 {units}", overall, "hd95", ".1f"))
+    first = overall[REGIONS[0]] if overall else {}
+    for metric, name, fmt in (("nsd", "NSD", ".3f"), ("lesion_dice", "LW Dice", ".3f"),
+                              ("lesion_hd95", f"LW HD95 {units}", ".1f"),
+                              ("lesion_nsd", "LW NSD", ".3f")):
+        if metric in first:
+            out.append(line(name, overall, metric, fmt))
+    out.append(f"scoring rules: {rules} (README: 'Scoring rules')")
     return "\n".join(out)

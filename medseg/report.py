@@ -22,6 +22,7 @@ from medseg.data.io import atomic_path, load_array, load_header
 from medseg.errors import MedsegError
 from medseg.evaluate import evaluate_case, references
 from medseg.labels import CLASS_COLOURS, CLASS_NAMES, REGIONS, labels_to_regions
+from medseg.scoring import DEFAULT_RULES, get_rules
 
 __all__ = ["make_report", "REGION_COLOURS", "legend"]
 
@@ -93,8 +94,11 @@ def _case_png(images: dict[str, np.ndarray], rows: list[tuple[str, np.ndarray]],
 
 
 def make_report(pred: str | Path, images: str | Path, out: str | Path,
-                ref: str | Path | None = None, convention: str | None = None) -> Path:
-    """Write ``out/index.html`` and one PNG per predicted case; returns the HTML path."""
+                ref: str | Path | None = None, convention: str | None = None,
+                rules: str = DEFAULT_RULES) -> Path:
+    """Write ``out/index.html`` and one PNG per predicted case (Dice and HD95 scored
+    under the rule set `rules`, named on the page); returns the HTML path."""
+    get_rules(rules)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -133,15 +137,15 @@ def make_report(pred: str | Path, images: str | Path, out: str | Path,
         if case.case_id in refs:
             rreg = labels_to_regions(load_array(refs[case.case_id], dtype=np.int16), conv)
             rows.append(("reference", np.stack([_canonical(r, mimg.affine) for r in rreg])))
-            metrics = evaluate_case(mask_path, refs[case.case_id], conv)
+            metrics = evaluate_case(mask_path, refs[case.case_id], conv, rules)
         png = out / f"{case.case_id}.png"
         _case_png(shown, rows, png, case.case_id)
         table.append((case.case_id, {r: float(regions[i].sum() * voxel_ml) for i, r in enumerate(REGIONS)},
                       metrics, png.name))
-    return _write_html(table, out, conv, bool(refs))
+    return _write_html(table, out, conv, bool(refs), rules)
 
 
-def _write_html(table, out: Path, conv: str, with_ref: bool) -> Path:
+def _write_html(table, out: Path, conv: str, with_ref: bool, rules: str = DEFAULT_RULES) -> Path:
     head = "".join(f"<th>{r} mL</th>" for r in REGIONS)
     if with_ref:
         head += "".join(f"<th>{r} Dice</th><th>{r} HD95 mm</th>" for r in REGIONS)
@@ -159,8 +163,8 @@ def _write_html(table, out: Path, conv: str, with_ref: bool) -> Path:
             "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}"
             "td:first-child{text-align:left}</style></head><body>"
             f"<h1>medseg report</h1><p>{len(table)} cases; labels {html.escape(conv)}. Overlay: "
-            "edema green, necrosis/non-enhancing red, enhancing yellow. HD95: BraTS convention "
-            "(pooled directions; 373.13 mm when exactly one mask is empty).</p>"
+            "edema green, necrosis/non-enhancing red, enhancing yellow. Scoring rules "
+            f"<b>{html.escape(rules)}</b>: {html.escape(get_rules(rules).description)}.</p>"
             f"<table><tr><th>case</th>{head}</tr>{''.join(body)}</table>{figs}</body></html>")
     target = out / "index.html"
     with atomic_path(target) as tmp:

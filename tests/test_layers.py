@@ -9,6 +9,7 @@ PKG = Path(__file__).resolve().parents[1] / "medseg"
 LAYERS = {
     "__init__": 0, "labels": 0, "config": 0, "errors": 0,
     "data": 1, "transforms": 1, "models": 1, "losses": 1, "metrics": 1, "postprocess": 1,
+    "scoring": 1,                   # rule sets as data; metrics interprets them without importing
     "infer": 2,
     "train": 3, "evaluate": 3, "predict": 3, "export": 3, "edge": 2,
     "report": 4,                    # uses evaluate

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medseg.metrics import BRATS_HD_PENALTY, case_metrics, dice, region_metrics
+from medseg.metrics import BRATS_HD_PENALTY, case_metrics, dice, region_metrics, surfel_distances
 
 
 def box(shape, lo, hi):
@@ -94,3 +94,15 @@ def test_case_metrics_regions_in_order():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shape"):
         region_metrics(np.zeros((4, 4, 4), bool), np.zeros((4, 4, 5), bool), (1, 1, 1))
+
+
+def test_surfel_distances_of_a_shifted_plane_in_mm():
+    # DeepMind surfels sit on voxel corners: a 1-voxel plane at x = 2 has corner sheets
+    # x = 2 and 3, its copy at x = 5 sheets 5 and 6. Each sheet's nearest other sheet
+    # is 2 or 3 voxels away → 4 or 6 mm at 2 mm along x, in both directions.
+    ref = box((12, 8, 8), (2, 0, 0), (3, 8, 8))
+    pred = box((12, 8, 8), (5, 0, 0), (6, 8, 8))
+    d_pr, a_p, d_rp, a_r = surfel_distances(pred, ref, (2.0, 1.0, 1.0))
+    assert set(np.round(np.concatenate([d_pr, d_rp]), 6)) == {4.0, 6.0}
+    assert d_pr.shape == a_p.shape and d_rp.shape == a_r.shape
+    assert a_p.sum() == pytest.approx(a_r.sum()) and (a_p > 0).all()
