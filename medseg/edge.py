@@ -26,7 +26,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from medseg.data.inputs import InputCase, case_headers, output_convention, run_batch
+from medseg.data.inputs import InputCase, case_headers, check_modalities, output_convention, run_batch
 from medseg.data.io import load_array, write_label_map
 from medseg.errors import DataError, MedsegError
 from medseg.labels import CHANNELS, regions_to_labels
@@ -37,6 +37,10 @@ __all__ = ["EdgePredictor", "edge_predict_all", "read_metadata", "resample_linea
 
 #: The metadata format this runtime reads (see medseg.export.FORMAT).
 FORMAT = "medseg-onnx-2"
+
+#: A missing modality's value after z-scoring (medseg.transforms.MISSING_FILL,
+#: repeated here: this module must not import torch).
+MISSING_FILL = 0.0
 
 _RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
 
@@ -132,13 +136,17 @@ class EdgePredictor:
 
     # -------------------------------------------------------------- steps
     def _read(self, images: Sequence[Path], channels: Sequence[str]):
+        """→ `(4, X, Y, Z)` in CHANNELS order (a missing modality all MISSING_FILL, as
+        `medseg.transforms.FillMissingChannelsd` does) and the first file's header."""
         heads = case_headers(images)
-        if len(images) == 1:      # one 4D file, channels last
+        if len(heads[0].shape) == 4:      # one 4D file, channels last
             vol = np.moveaxis(load_array(images[0], heads[0]), -1, 0)
         else:
             vol = np.stack([load_array(p, h) for p, h in zip(images, heads)])
-        order = [list(channels).index(c) for c in CHANNELS]
-        return vol[order], heads[0]
+        out = np.full((len(CHANNELS), *vol.shape[1:]), MISSING_FILL, np.float32)
+        for i, c in enumerate(channels):
+            out[CHANNELS.index(c)] = vol[i]
+        return out, heads[0]
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         """`(4, X, Y, Z)` preprocessed → `(3, X, Y, Z)` probabilities: each model's
@@ -231,6 +239,7 @@ def edge_predict_all(model: str | Path, cases: Sequence[InputCase], out_dir: str
     out_dir = Path(out_dir)
     targets = [[out_dir / f"{c.case_id}.nii.gz"] for c in cases]
     pred = EdgePredictor(model, min_component_ml=min_component_ml, et_min_ml=et_min_ml)
+    check_modalities(cases, pred.meta, str(model))
     conv, why = output_convention(cases, convention, pred.meta["label_convention"])
     print_fn(f"labels: {conv} (from {why})")
     post = describe_postprocessing(pred.min_component_ml, pred.et_min_ml)

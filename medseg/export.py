@@ -164,7 +164,12 @@ def _cv_scores(model_dir: Path | None) -> dict | None:
     if model_dir is None or not (model_dir / "cv_summary.json").is_file():
         return None
     s = json.loads((model_dir / "cv_summary.json").read_text())
-    return {r: {m: s["overall"][r][m]["mean"] for m in ("dice", "hd95")} for r in REGIONS}
+    # Scores mean nothing without their rule set: each region names it (a summary
+    # without "rules" predates rule sets and was scored under brats21).
+    rules = s.get("rules", "brats21")
+    return {r: {"rules": rules, **{m: s["overall"][r][m]["mean"] for m in
+                                   ("dice", "hd95", "lesion_dice", "lesion_hd95")
+                                   if m in s["overall"][r]}} for r in REGIONS}
 
 
 def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
@@ -207,6 +212,10 @@ def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
                                     "region (26-connected) → ET below et_min_ml added to TC and WT "
                                     "and removed from ET → labels"},
         "network": meta["network"], "folds": len(checkpoints),
+        "modality_dropout": float(meta.get("modality_dropout", 0.0)),
+        "input_subsets": meta.get("input_subsets", "all four: " + ", ".join(CHANNELS)),
+        "missing_modality_fill": "a missing modality is a channel of 0 after z-scoring (its mean); "
+                                 "accepted only when modality_dropout > 0",
         "opset": opset, "precision": precision, "cv_scores": _cv_scores(model_dir),
     }
     if precision not in TOLERANCE:

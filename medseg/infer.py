@@ -119,10 +119,10 @@ class Predictor:
         self.models = [m for m, _ in loaded]
         self.meta = loaded[0][1]
         for (_, meta), path in zip(loaded[1:], checkpoints[1:]):
-            for key in ("network", "spacing", "roi", "channels"):
-                if meta[key] != self.meta[key]:
-                    raise MedsegError(f"{path}: {key} {meta[key]} differs from {checkpoints[0]} "
-                                      f"({self.meta[key]}); an ensemble needs identical models")
+            for key in ("network", "spacing", "roi", "channels", "modality_dropout"):
+                if meta.get(key) != self.meta.get(key):
+                    raise MedsegError(f"{path}: {key} {meta.get(key)} differs from {checkpoints[0]} "
+                                      f"({self.meta.get(key)}); an ensemble needs identical models")
         inf = self.meta["infer"]
         self.overlap = inf["overlap"] if overlap is None else overlap
         self.sw_batch_size = inf["sw_batch_size"] if sw_batch_size is None else sw_batch_size

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from medseg.data.inputs import InputCase, cases_from_input, output_convention, run_batch
+from medseg.data.inputs import InputCase, cases_from_input, check_modalities, output_convention, run_batch
 from medseg.errors import MedsegError
 from medseg.infer import Predictor, predict_case
 from medseg.postprocess import describe_postprocessing
@@ -58,6 +58,7 @@ def predict_all(predictor: Predictor, cases: list[InputCase], out_dir: str | Pat
     targets = [[out_dir / f"{c.case_id}.nii.gz"]
                + ([out_dir / "probabilities" / f"{c.case_id}.nii.gz"] if probabilities else [])
                for c in cases]
+    check_modalities(cases, predictor.meta, ", ".join(predictor.checkpoints))
     conv, why = output_convention(cases, convention, predictor.meta["label_convention"])
     print_fn(f"labels: {conv} (from {why})")
     post = describe_postprocessing(predictor.min_component_ml, predictor.et_min_ml)

@@ -52,7 +52,8 @@ from medseg.models import network_from_spec, size_divisor, unet3d_outputs
 from medseg.transforms import IMAGE, LABEL, preprocessing, train_augmentation
 
 __all__ = ["FoldData", "fold_data", "train_fold", "lr_factor", "CHECKPOINT_DIR", "build_network",
-           "build_criterion", "build_transforms", "build_optimizer", "deep_supervised", "cache_key"]
+           "build_criterion", "build_transforms", "build_optimizer", "deep_supervised", "cache_key",
+           "modality_dropout", "input_subsets"]
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -137,13 +138,30 @@ def build_criterion(cfg: dict) -> nn.Module:
     return build_loss(deep_supervision=True, levels=unet3d_outputs(**cfg["model"]["args"]))
 
 
+def modality_dropout(cfg: dict) -> float:
+    """``train.modality_dropout``: the probability that a training sample loses a
+    random subset of its modalities (0 in configs written before it existed)."""
+    p = float(cfg["train"].get("modality_dropout", 0.0))
+    if not 0.0 <= p <= 1.0:
+        raise MedsegError(f"train.modality_dropout={p}: expected a probability between 0 and 1")
+    return p
+
+
+def input_subsets(p: float) -> str:
+    """What a model trained with modality dropout `p` accepts (checkpoint, ONNX and
+    bundle metadata)."""
+    return ("any non-empty subset of " + ", ".join(CHANNELS)) if p > 0 else \
+        ("all four: " + ", ".join(CHANNELS))
+
+
 def build_transforms(cfg: dict, channels, convention: str, training: bool = True) -> Compose:
     """Preprocessing (images in `channels` order, labels in `convention`) at the
     experiment's spacing; with `training`, followed by patch sampling and augmentation."""
     pre = preprocessing(channels, convention, cfg["data"]["spacing"])
     if not training:
         return pre
-    aug = train_augmentation(cfg["train"]["patch"], *cfg["train"]["pos_neg"])
+    aug = train_augmentation(cfg["train"]["patch"], *cfg["train"]["pos_neg"],
+                             modality_dropout=modality_dropout(cfg))
     return Compose([*pre.transforms, *aug.transforms])
 
 
@@ -428,6 +446,7 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
     log = print_fn if dd.main else (lambda s: None)
     tcfg = cfg["train"]
     _check_patch(cfg)
+    modality_dropout(cfg)
     ckpt_dir = out_dir / CHECKPOINT_DIR
     last = ckpt_dir / "last.pt"
     if last.exists() and not resume:
@@ -470,6 +489,7 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
                          "resampling to spacing + crop to the non-zero box",
         "infer": dict(cfg["infer"], amp=tcfg["amp"], amp_dtype=tcfg["amp_dtype"]),
         "medseg_version": __version__, "fold": fold, "datalist": str(data.datalist),
+        "modality_dropout": modality_dropout(cfg), "input_subsets": input_subsets(modality_dropout(cfg)),
     }
     start, history, best = 0, [], -1.0
     if resume:

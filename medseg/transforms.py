@@ -18,14 +18,15 @@ from monai.data import MetaTensor
 from monai.transforms import (
     Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform,
     NormalizeIntensityd, Orientationd, RandAdjustContrastd, RandCropByPosNegLabeld, RandFlipd,
-    RandGaussianNoised, RandRotated, RandScaleIntensityd, RandShiftIntensityd, RandZoomd, Spacingd, SpatialPadd,
+    RandGaussianNoised, RandomizableTransform, RandRotated, RandScaleIntensityd, RandShiftIntensityd, RandZoomd,
+    Spacingd, SpatialPadd,
 )
 
 from medseg.errors import MedsegError
 from medseg.labels import CHANNELS, labels_to_regions
 
-__all__ = ["IMAGE", "LABEL", "NEGLIGIBLE", "ReorderChannelsd", "LabelsToRegionsd",
-           "ClearResamplingNoised", "preprocessing",
+__all__ = ["IMAGE", "LABEL", "NEGLIGIBLE", "MISSING_FILL", "ReorderChannelsd", "FillMissingChannelsd",
+           "RandModalityDropoutd", "LabelsToRegionsd", "ClearResamplingNoised", "preprocessing",
            "train_augmentation"]
 
 IMAGE, LABEL = "image", "label"
@@ -89,14 +90,82 @@ class ClearResamplingNoised(MapTransform):
         return d
 
 
+#: Value of a missing (or dropped) modality after z-scoring: 0, the channel's mean.
+MISSING_FILL = 0.0
+
+
+class FillMissingChannelsd(MapTransform):
+    """`(k, X, Y, Z)` images of the `present` modalities (in that order, 1 ≤ k < 4) →
+    `(4, X, Y, Z)` in CHANNELS order, the missing channels all MISSING_FILL. Zeros
+    stay zeros through the brain crop (which looks for any channel > 0) and the
+    z-score over non-zero voxels, so a missing channel reaches the network exactly
+    as `RandModalityDropoutd` showed it in training."""
+
+    def __init__(self, keys: KeysCollection, present: Sequence[str]):
+        super().__init__(keys)
+        unknown = [c for c in present if c not in CHANNELS]
+        if unknown or not present or len(set(present)) != len(present):
+            raise MedsegError(f"modalities {list(present)}: expected distinct names from {list(CHANNELS)}")
+        self.present = list(present)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.shape[0] != len(self.present):
+                raise MedsegError(f"{key}: expected {len(self.present)} channels {self.present}, "
+                                  f"found shape {tuple(img.shape)}")
+            out = torch.full((len(CHANNELS), *img.shape[1:]), MISSING_FILL, dtype=torch.as_tensor(img).dtype)
+            for i, c in enumerate(self.present):
+                out[CHANNELS.index(c)] = torch.as_tensor(img[i])
+            d[key] = MetaTensor(out, meta=img.meta) if isinstance(img, MetaTensor) else out
+        return d
+
+
+class RandModalityDropoutd(RandomizableTransform, MapTransform):
+    """With probability `prob`, set a random subset of the image channels to
+    MISSING_FILL: one of the 14 non-empty subsets whose complement is non-empty
+    (at least one modality always stays), each equally likely. Applied after the
+    intensity augmentations, so a dropped channel is exactly the fill value, as a
+    missing modality is at prediction time (`FillMissingChannelsd`)."""
+
+    #: Every droppable subset of channel indices: non-empty, at least one kept.
+    SUBSETS = [tuple(i for i in range(len(CHANNELS)) if m >> i & 1) for m in range(1, 2 ** len(CHANNELS) - 1)]
+
+    def __init__(self, keys: KeysCollection, prob: float = 0.5):
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.drop: tuple[int, ...] = ()
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        self.drop = self.SUBSETS[self.R.randint(len(self.SUBSETS))] if self._do_transform else ()
+
+    def __call__(self, data):
+        d = dict(data)
+        self.randomize()
+        if not self.drop:
+            return d
+        for key in self.key_iterator(d):
+            img = d[key].clone() if isinstance(d[key], torch.Tensor) else np.array(d[key])
+            img[list(self.drop)] = MISSING_FILL
+            d[key] = img
+        return d
+
+
 def preprocessing(channels: Sequence[str], convention: str, spacing=(1.0, 1.0, 1.0),
                   with_label: bool = True) -> Compose:
-    """Load → channel-first → CHANNELS order → RAS → spacing → brain crop → z-score → regions."""
+    """Load → channel-first → CHANNELS order → RAS → spacing → brain crop → z-score → regions.
+
+    `channels` names the image files' modalities in order; a subset of CHANNELS
+    (modalities missing at prediction time) is completed with MISSING_FILL channels."""
     keys = [IMAGE, LABEL] if with_label else [IMAGE]
+    order = ReorderChannelsd(IMAGE, channels) if sorted(channels) == sorted(CHANNELS) \
+        else FillMissingChannelsd(IMAGE, channels)
     steps = [
         LoadImaged(keys, image_only=True),
         EnsureChannelFirstd(keys),
-        ReorderChannelsd(IMAGE, channels),
+        order,
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys, pixdim=tuple(spacing), mode=("bilinear", "nearest")[: len(keys)]),
         ClearResamplingNoised(IMAGE),
@@ -109,11 +178,14 @@ def preprocessing(channels: Sequence[str], convention: str, spacing=(1.0, 1.0, 1
     return Compose(steps)
 
 
-def train_augmentation(patch: Sequence[int], pos: float = 2.0, neg: float = 1.0) -> Compose:
+def train_augmentation(patch: Sequence[int], pos: float = 2.0, neg: float = 1.0,
+                       modality_dropout: float = 0.0) -> Compose:
     """Random patch (tumour over-sampled pos:neg), flips on all axes, rotation and
-    scaling, intensity scale/shift, gamma and noise. A brain box smaller than the
-    patch is zero-padded first, so every patch of a batch has the same shape."""
+    scaling, intensity scale/shift, gamma and noise, then (with `modality_dropout`
+    > 0) modality dropout. A brain box smaller than the patch is zero-padded first,
+    so every patch of a batch has the same shape."""
     keys = [IMAGE, LABEL]
+    dropout = [RandModalityDropoutd(IMAGE, modality_dropout)] if modality_dropout > 0 else []
     return Compose([
         SpatialPadd(keys, spatial_size=tuple(patch)),
         RandCropByPosNegLabeld(keys, label_key=LABEL, spatial_size=tuple(patch), pos=pos, neg=neg,
@@ -132,4 +204,5 @@ def train_augmentation(patch: Sequence[int], pos: float = 2.0, neg: float = 1.0)
         RandShiftIntensityd(IMAGE, offsets=0.1, prob=0.5),
         RandAdjustContrastd(IMAGE, gamma=(0.7, 1.5), prob=0.3),
         RandGaussianNoised(IMAGE, std=0.05, prob=0.15),
+        *dropout,
     ])

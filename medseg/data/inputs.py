@@ -20,7 +20,7 @@ from medseg.data.io import is_nifti, load_array, load_header, nifti_stem, write_
 from medseg.errors import DataError, MedsegError
 from medseg.labels import CHANNELS, get_convention
 
-__all__ = ["InputCase", "cases_from_input", "single_case", "output_convention", "write_manifest",
+__all__ = ["InputCase", "cases_from_input", "single_case", "check_modalities", "output_convention", "write_manifest",
            "case_headers", "check_inputs", "run_batch", "MANIFEST"]
 
 
@@ -33,6 +33,11 @@ class InputCase:
     #: tell), and where that was read.
     convention: str | None = None
     convention_source: str = ""
+
+    @property
+    def missing(self) -> list[str]:
+        """Modalities (CHANNELS names) the case has no file for."""
+        return [c for c in CHANNELS if c not in self.channels]
 
 
 def cases_from_input(path: str | Path, data_root: str | Path | None = None) -> tuple[list[InputCase], Path]:
@@ -55,14 +60,18 @@ def cases_from_input(path: str | Path, data_root: str | Path | None = None) -> t
     if not path.is_dir():
         raise MedsegError(f"--input {path}: not a folder or a datalist .json")
     ds = discover(path)
-    bad = [c for c in ds.cases if c.missing]
-    if bad:
-        c = bad[0]
-        raise DataError(f"{c.folder}: case {c.case_id} misses {', '.join(c.missing)}; every case "
-                        "needs all four modalities (run `medseg data check`)")
     src = f"the {ds.layout.name} file names in {path}"
-    return [InputCase(c.case_id, list(c.images), list(ds.layout.channels), ds.layout.convention, src)
-            for c in ds.cases], path
+    cases = []
+    for c in ds.cases:
+        # MSD: one 4D file holds every modality; BraTS: a file per modality.
+        present = [ch for ch in ds.layout.channels if ch not in c.missing]
+        if not c.images or (ds.layout.name != "msd" and len(present) != len(c.images)):
+            raise DataError(f"{c.folder}: case {c.case_id} has no image file ({', '.join(c.missing)} "
+                            "missing); run `medseg data check` on this folder")
+        # Missing modalities are allowed here; the engine refuses them for a model
+        # trained without modality dropout (`check_modalities`).
+        cases.append(InputCase(c.case_id, list(c.images), present, ds.layout.convention, src))
+    return cases, path
 
 
 def single_case(files: dict[str, str | None], case_id: str | None = None) -> InputCase:
@@ -72,22 +81,24 @@ def single_case(files: dict[str, str | None], case_id: str | None = None) -> Inp
     for key, val in files.items():
         if val:
             got[alias.get(key, key)] = Path(val)
-    missing = [c for c in CHANNELS if c not in got]
-    if missing:
-        raise MedsegError(f"single-case prediction needs all four modalities; missing "
-                          f"{', '.join('--' + m for m in missing)}")
+    if not got:
+        raise MedsegError("single-case prediction needs at least one of --t1 --t1ce --t2 --flair "
+                          "(all four unless the model was trained with modality dropout)")
     for ch, p in got.items():
         if not p.is_file():
             raise DataError(f"--{ch} {p}: file not found")
         if not is_nifti(p):
             raise DataError(f"--{ch} {p}: expected a .nii or .nii.gz file")
-    first = got["t1"].name
-    for suffix in ("_t1.nii.gz", "-t1n.nii.gz", "_t1.nii", "-t1n.nii", ".nii.gz", ".nii"):
+    first = got[next(c for c in CHANNELS if c in got)].name
+    suffixes = [f"{lay.sep}{lay.keys[c]}{ext}" for c in CHANNELS for lay in (LAYOUTS["brats2021"], LAYOUTS["brats2023"])
+                for ext in (".nii.gz", ".nii")]
+    for suffix in (*suffixes, ".nii.gz", ".nii"):
         if first.endswith(suffix):
             first = first[: -len(suffix)]
             break
     conv = _convention_from_names(got)
-    return InputCase(case_id or first, [got[c] for c in CHANNELS], list(CHANNELS), conv,
+    present = [c for c in CHANNELS if c in got]
+    return InputCase(case_id or first, [got[c] for c in present], present, conv,
                      f"the {conv} file names (_t1, _t1ce, … or -t1n, -t1c, …)" if conv else "")
 
 
@@ -96,9 +107,25 @@ def _convention_from_names(files: dict[str, Path]) -> str | None:
     names on all four files → that dataset's label convention; anything else → None."""
     for name in ("brats2021", "brats2023"):
         lay = LAYOUTS[name]
-        if all(nifti_stem(files[ch]).endswith(lay.sep + lay.keys[ch]) for ch in CHANNELS):
+        if all(nifti_stem(p).endswith(lay.sep + lay.keys[ch]) for ch, p in files.items()):
             return lay.convention
     return None
+
+
+def check_modalities(cases: Sequence[InputCase], meta: dict, model: str) -> dict[str, list[str]]:
+    """{case id: missing modalities} of the cases that lack some; an error naming the
+    first such case when the model (its checkpoint or ONNX metadata `meta`) was
+    trained without modality dropout."""
+    missing = {c.case_id: c.missing for c in cases if c.missing}
+    if missing and not float(meta.get("modality_dropout", 0.0)) > 0:
+        cid, miss = next(iter(missing.items()))
+        raise MedsegError(
+            f"case {cid} has no {', '.join(miss)} ({len(missing)} case(s) miss modalities); the model "
+            f"{model} was trained on all four modalities only (train.modality_dropout = 0): a blank "
+            "channel it never saw in training would give an unreliable mask. Supply the missing "
+            "file(s), or use a model trained with modality dropout (medseg cv ... --set "
+            "train.modality_dropout=0.5), which accepts any non-empty subset")
+    return missing
 
 
 def output_convention(cases: Sequence[InputCase], override: str | None,
@@ -119,14 +146,16 @@ def output_convention(cases: Sequence[InputCase], override: str | None,
                               "pass --convention to choose")
 
 
-def write_manifest(out_dir: Path, masks: Sequence[Path], status: str, run: dict) -> Path:
+def write_manifest(out_dir: Path, masks: Sequence[Path], status: str, run: dict,
+                   missing: dict[str, list[str]] | None = None) -> Path:
     """``out_dir/predictions.json``, written atomically: the run's settings `run`
     (label convention and why, model, engine, post-processing …), the label values
-    of its convention, its status ("running" or "complete") and its masks."""
+    of its convention, its status ("running" or "complete"), its masks and the
+    modalities each case was predicted without."""
     out = Path(out_dir) / MANIFEST
     write_json({"status": status, "label_convention": run["label_convention"],
                 "labels": get_convention(run["label_convention"]).to_dict(), "run": run,
-                "masks": [Path(t).name for t in masks]}, out)
+                "masks": [Path(t).name for t in masks], "missing_modalities": missing or {}}, out)
     return out
 
 
@@ -203,14 +232,16 @@ def run_batch(cases: Sequence[InputCase], out_dir: Path, input_root: Path | None
     if todo:
         print_fn(f"checked {len(todo)} case(s) in {time.perf_counter() - t0:.1f} s")
     masks = [ts[0] for ts in targets]
-    write_manifest(out_dir, masks, status="running", run=run)
+    missing = {c.case_id: c.missing for c in cases if c.missing}
+    write_manifest(out_dir, masks, status="running", run=run, missing=missing)
     t0 = time.perf_counter()
     for n, i in enumerate(todo, 1):
         t = time.perf_counter()
         predict_one(cases[i], targets[i])
-        print_fn(f"[{n}/{len(todo)}] {cases[i].case_id} → {masks[i]} ({time.perf_counter() - t:.1f} s)")
+        without = f"; without {', '.join(cases[i].missing)}" if cases[i].missing else ""
+        print_fn(f"[{n}/{len(todo)}] {cases[i].case_id} → {masks[i]} ({time.perf_counter() - t:.1f} s{without})")
     seconds = time.perf_counter() - t0
-    write_manifest(out_dir, masks, status="complete", run=run)
+    write_manifest(out_dir, masks, status="complete", run=run, missing=missing)
     return {"predicted": len(todo), "skipped": len(done), "seconds": seconds}
 
 
@@ -223,9 +254,9 @@ def case_headers(images: Sequence[Path]) -> list:
             raise DataError(f"{p}: grid {h.shape[:3]} does not match {images[0].name} "
                             f"{heads[0].shape[:3]} (shape or affine differ); all modalities of a "
                             "case must be co-registered on one grid: resample this file onto it")
-    four_3d = len(images) == len(CHANNELS) and len(heads[0].shape) == 3
+    files_3d = 1 <= len(images) <= len(CHANNELS) and all(len(h.shape) == 3 for h in heads)
     one_4d = len(images) == 1 and len(heads[0].shape) == 4 and heads[0].shape[3] == len(CHANNELS)
-    if not (four_3d or one_4d):
-        raise DataError(f"{images[0]}: expected four 3D files or one 4D file with 4 channels, "
-                        f"found {len(images)} file(s) of shape {heads[0].shape}")
+    if not (files_3d or one_4d):
+        raise DataError(f"{images[0]}: expected up to four 3D files (one per modality) or one 4D "
+                        f"file with 4 channels, found {len(images)} file(s) of shape {heads[0].shape}")
     return heads
