@@ -283,7 +283,7 @@ _ABOUT = {
                "example:\n  medseg report --pred masks/ --images /data/new_cases --ref /data/new_cases "
                "--out report/"),
     "demo": ("The README demo: synthetic BraTS 2023-layout data → check → split → 5-fold cv with "
-             "the cpu preset (about 13 minutes on 2 CPU cores).",
+             "the cpu preset (about 20 minutes on 2 CPU cores).",
              "example:\n  medseg demo --no-cv        # stop after the split"),
 }
 

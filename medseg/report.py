@@ -12,6 +12,7 @@ volumes (mL) and, with references, Dice and HD95. Needs matplotlib (the
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -112,6 +113,7 @@ def make_report(pred: str | Path, images: str | Path, out: str | Path,
             {"brats2021": "brats2021", "msd": "msd"}.get(ds.layout.name, "brats2023")
     chans = list(ds.layout.channels)
     cases = [c for c in ds.cases if (pred / f"{c.case_id}.nii.gz").is_file()]
+    missing = _missing_modalities(pred)
     if not cases:
         raise MedsegError(f"--pred {pred}: no <case_id>.nii.gz matches a case of --images {images}")
     table = []
@@ -122,15 +124,17 @@ def make_report(pred: str | Path, images: str | Path, out: str | Path,
         voxel_ml = float(np.prod(zooms)) / 1000.0
         regions = labels_to_regions(load_array(mask_path, mimg, np.int16), conv)
         shown = {}
-        for name in ("flair", "t1ce"):
-            i = chans.index(name)
+        # FLAIR and T1ce, or the modalities the case has when one of them is missing.
+        present = [c for c in chans if c not in case.missing]
+        for name in [c for c in ("flair", "t1ce", "t2", "t1") if c in present][:2]:
             if len(case.images) == 1:       # MSD: one 4D file
-                arr = load_array(case.images[0])[..., i]
+                path, arr = case.images[0], load_array(case.images[0])[..., chans.index(name)]
             else:
-                arr = load_array(case.images[i])
+                path = case.images[present.index(name)]
+                arr = load_array(path)
             if arr.shape != regions.shape[1:]:
                 raise MedsegError(f"{mask_path}: grid {regions.shape[1:]} does not match the image "
-                                  f"{case.images[min(i, len(case.images) - 1)]} {arr.shape}")
+                                  f"{path} {arr.shape}")
             shown[name.upper()] = _canonical(arr, mimg.affine)
         rows = [("prediction", np.stack([_canonical(r, mimg.affine) for r in regions]))]
         metrics = None
@@ -141,29 +145,41 @@ def make_report(pred: str | Path, images: str | Path, out: str | Path,
         png = out / f"{case.case_id}.png"
         _case_png(shown, rows, png, case.case_id)
         table.append((case.case_id, {r: float(regions[i].sum() * voxel_ml) for i, r in enumerate(REGIONS)},
-                      metrics, png.name))
+                      metrics, png.name, missing.get(case.case_id, [])))
     return _write_html(table, out, conv, bool(refs), rules)
+
+
+def _missing_modalities(pred: Path) -> dict[str, list[str]]:
+    """{case id: modalities it was predicted without}, from the ``predictions.json``
+    `medseg predict` writes beside its masks (empty when there is none)."""
+    try:
+        return dict(json.loads((pred / "predictions.json").read_text()).get("missing_modalities", {}))
+    except (OSError, ValueError):
+        return {}
 
 
 def _write_html(table, out: Path, conv: str, with_ref: bool, rules: str = DEFAULT_RULES) -> Path:
     head = "".join(f"<th>{r} mL</th>" for r in REGIONS)
     if with_ref:
         head += "".join(f"<th>{r} Dice</th><th>{r} HD95 mm</th>" for r in REGIONS)
+    head += "<th>predicted without</th>"
     body = []
-    for case_id, vols, metrics, png in table:
+    for case_id, vols, metrics, png, miss in table:
         cells = "".join(f"<td>{vols[r]:.2f}</td>" for r in REGIONS)
         if with_ref:
             cells += "".join(f"<td>{metrics[r]['dice']:.3f}</td><td>{metrics[r]['hd95']:.1f}</td>"
                              if metrics else "<td>–</td><td>–</td>" for r in REGIONS)
+        cells += f"<td>{html.escape(', '.join(miss)) or '–'}</td>"
         cid = html.escape(case_id)
         body.append(f"<tr><td><a href='#{cid}'>{cid}</a></td>{cells}</tr>")
     figs = "".join(f"<h3 id='{html.escape(c)}'>{html.escape(c)}</h3><img src='{html.escape(p)}'>"
-                   for c, _, _, p in table)
+                   for c, _, _, p, _ in table)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>medseg report</title>"
             "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}"
             "td:first-child{text-align:left}</style></head><body>"
             f"<h1>medseg report</h1><p>{len(table)} cases; labels {html.escape(conv)}. Overlay: "
-            "edema green, necrosis/non-enhancing red, enhancing yellow. Scoring rules "
+            "edema green, necrosis/non-enhancing red, enhancing yellow. Cases predicted without some "
+            "modalities say which. Scoring rules "
             f"<b>{html.escape(rules)}</b>: {html.escape(get_rules(rules).description)}.</p>"
             f"<table><tr><th>case</th>{head}</tr>{''.join(body)}</table>{figs}</body></html>")
     target = out / "index.html"

@@ -109,6 +109,12 @@ def test_dropout_model_predicts_from_a_subset_on_both_engines(dropout_model, tmp
         manifest = json.loads((out / "predictions.json").read_text())
         assert manifest["missing_modalities"] == {c.case_id: ["t1ce", "t2"] for c in discover(data).cases[:2]}
         assert len(list(out.glob("*.nii.gz"))) == len(discover(data).cases)
+    # The report shows the modalities the case has and says which were missing.
+    assert main(["report", "--pred", str(tmp_path / "torch"), "--images", str(data),
+                 "--out", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "predicted without" in page and "t1ce, t2" in page
+    assert (tmp_path / "rep" / f"{case.case_id}.png").is_file()
     a = np.asarray(nib.load(tmp_path / "torch" / f"{case.case_id}.nii.gz").dataobj)
     b = np.asarray(nib.load(tmp_path / "onnx" / f"{case.case_id}.nii.gz").dataobj)
     # The default torch engine runs bf16; parity is judged at fp32 on both.
