@@ -123,7 +123,7 @@ def check_modalities(cases: Sequence[InputCase], meta: dict, model: str) -> dict
             f"case {cid} has no {', '.join(miss)} ({len(missing)} case(s) miss modalities); the model "
             f"{model} was trained on all four modalities only (train.modality_dropout = 0): a blank "
             "channel it never saw in training would give an unreliable mask. Supply the missing "
-            "file(s), or use a model trained with modality dropout (medseg cv ... --set "
+            f"file(s) (loose files: {' '.join('--' + m for m in miss)}), or use a model trained with modality dropout (medseg cv ... --set "
             "train.modality_dropout=0.5), which accepts any non-empty subset")
     return missing
 
