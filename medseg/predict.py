@@ -10,7 +10,6 @@ it refuses, or overwrites on request).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 

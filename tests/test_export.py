@@ -18,7 +18,6 @@ from medseg.edge import EdgePredictor, read_metadata, resample_linear, window_st
 from medseg.errors import MedsegError
 from medseg.export import export_onnx
 from medseg.infer import Predictor
-from medseg.labels import labels_to_regions
 from medseg.metrics import dice
 from medseg.models import build_model
 from medseg.predict import resolve_checkpoints

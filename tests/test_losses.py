@@ -2,7 +2,7 @@ import pytest
 import torch
 from monai.losses import DiceCELoss
 
-from medseg.losses import RegionDiceBCELoss, build_loss, deep_supervision_weights
+from medseg.losses import RegionDiceBCELoss, deep_supervision_weights
 
 
 def _nested_target():
