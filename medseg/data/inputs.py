@@ -21,6 +21,7 @@ from medseg.errors import DataError, MedsegError
 from medseg.labels import CHANNELS, get_convention
 
 __all__ = ["InputCase", "cases_from_input", "single_case", "check_modalities", "output_convention", "write_manifest",
+           "read_manifest",
            "case_headers", "check_inputs", "run_batch", "MANIFEST"]
 
 
@@ -147,16 +148,28 @@ def output_convention(cases: Sequence[InputCase], override: str | None,
 
 
 def write_manifest(out_dir: Path, masks: Sequence[Path], status: str, run: dict,
-                   missing: dict[str, list[str]] | None = None) -> Path:
+                   missing: dict[str, list[str]] | None = None,
+                   cases: dict[str, dict] | None = None) -> Path:
     """``out_dir/predictions.json``, written atomically: the run's settings `run`
     (label convention and why, model, engine, post-processing …), the label values
-    of its convention, its status ("running" or "complete"), its masks and the
-    modalities each case was predicted without."""
+    of its convention, its status ("running" or "complete"), its masks, the
+    modalities each case was predicted without and, in ``cases``, what each
+    case's prediction reported beside its mask ({case id: {name: value}})."""
     out = Path(out_dir) / MANIFEST
     write_json({"status": status, "label_convention": run["label_convention"],
                 "labels": get_convention(run["label_convention"]).to_dict(), "run": run,
-                "masks": [Path(t).name for t in masks], "missing_modalities": missing or {}}, out)
+                "masks": [Path(t).name for t in masks], "missing_modalities": missing or {},
+                "cases": cases or {}}, out)
     return out
+
+
+def read_manifest(out_dir: Path) -> dict:
+    """The ``predictions.json`` of `out_dir`, or {} when there is none (or it is unreadable)."""
+    try:
+        old = json.loads((Path(out_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return old if isinstance(old, dict) else {}
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -183,10 +196,7 @@ def _finished(out_dir: Path, targets: Sequence[Sequence[Path]], overwrite: bool,
     some = [t for ts in targets for t in ts if t.exists()]
     if overwrite or not some:
         return set()
-    try:
-        old = json.loads((out_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        old = None
+    old = read_manifest(out_dir) or None
     before = old.get("run", {}) if isinstance(old, dict) else {}
     differ = [k for k, v in run.items() if old is None or before.get(k) != v]
     if differ:
@@ -212,14 +222,16 @@ def check_inputs(cases: Sequence[InputCase], jobs: int | None = None) -> None:
 
 def run_batch(cases: Sequence[InputCase], out_dir: Path, input_root: Path | None,
               targets: Sequence[Sequence[Path]], overwrite: bool, run: dict,
-              predict_one: Callable[[InputCase, Sequence[Path]], None],
+              predict_one: Callable[[InputCase, Sequence[Path]], dict | None],
               print_fn: Callable[[str], None] = print) -> dict:
     """The batch loop of both engines. Every input is checked before anything is
     written; ``predictions.json`` (the run's settings `run` and its status) is
     written first, so an interrupted batch can be continued: a re-run with the
     same settings skips the cases whose outputs exist (each written atomically,
     so complete) and predicts the rest. `targets[i]` are case i's outputs, the
-    mask first. Returns {"predicted": n, "skipped": n, "seconds": s}."""
+    mask first. What `predict_one` returns (a dict, or None) is case i's record
+    in the manifest's ``cases``, kept for skipped cases. Returns {"predicted": n,
+    "skipped": n, "seconds": s}."""
     out_dir = Path(out_dir)
     _check_not_inside(out_dir, cases, input_root)
     done = _finished(out_dir, targets, overwrite, run)
@@ -233,15 +245,20 @@ def run_batch(cases: Sequence[InputCase], out_dir: Path, input_root: Path | None
         print_fn(f"checked {len(todo)} case(s) in {time.perf_counter() - t0:.1f} s")
     masks = [ts[0] for ts in targets]
     missing = {c.case_id: c.missing for c in cases if c.missing}
-    write_manifest(out_dir, masks, status="running", run=run, missing=missing)
+    old = read_manifest(out_dir).get("cases", {}) if done else {}
+    records = {cases[i].case_id: old[cases[i].case_id] for i in sorted(done) if cases[i].case_id in old}
+    write_manifest(out_dir, masks, status="running", run=run, missing=missing, cases=records)
     t0 = time.perf_counter()
     for n, i in enumerate(todo, 1):
         t = time.perf_counter()
-        predict_one(cases[i], targets[i])
+        record = predict_one(cases[i], targets[i])
+        if isinstance(record, dict) and record:
+            records[cases[i].case_id] = record
+            write_manifest(out_dir, masks, status="running", run=run, missing=missing, cases=records)
         without = f"; without {', '.join(cases[i].missing)}" if cases[i].missing else ""
         print_fn(f"[{n}/{len(todo)}] {cases[i].case_id} → {masks[i]} ({time.perf_counter() - t:.1f} s{without})")
     seconds = time.perf_counter() - t0
-    write_manifest(out_dir, masks, status="complete", run=run, missing=missing)
+    write_manifest(out_dir, masks, status="complete", run=run, missing=missing, cases=records)
     return {"predicted": len(todo), "skipped": len(done), "seconds": seconds}
 
 
