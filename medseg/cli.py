@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 import sys
 from collections import Counter
 from pathlib import Path
@@ -103,6 +104,20 @@ def _cmd_split(a) -> int:
     return 0
 
 
+def _cmd_preprocess(a) -> int:
+    from medseg.train import fold_data, prepare_store
+    cfg = _config(a)
+    data = fold_data(a.datalist, a.data_root, None)
+    t0 = time.perf_counter()
+    store = prepare_store(cfg, data, Path(a.out), _say, jobs=a.jobs)
+    n = len(data.train)
+    size = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file())
+    print(f"{store.path}: {n} cases, {size / 1e9:.2f} GB ({size / max(1, n) / 1e6:.1f} MB per case), "
+          f"checked/built in {time.perf_counter() - t0:.1f} s; train/cv with --cache-dir {a.out} "
+          "(cv: --out of which this is OUT/preprocessed) read it")
+    return 0
+
+
 def _cmd_demo(a) -> int:
     from medseg.demo import run_demo
     return run_demo(a.out, a.datalist, None if a.no_cv else a.run, a.set, print_fn=_say)
@@ -166,7 +181,8 @@ def _cmd_predict(a) -> int:
         if len(a.model) != 1 or not str(a.model[0]).endswith(".onnx"):
             raise MedsegError("--engine onnx takes one .onnx file as --model (see `medseg export`)")
         edge_predict_all(a.model[0], cases, a.out, root, a.convention, a.overwrite, print_fn=_say,
-                         min_component_ml=a.min_component_ml, et_min_ml=a.et_min_ml)
+                         min_component_ml=a.min_component_ml, et_min_ml=a.et_min_ml,
+                         viewer_files=a.viewer_files)
         return 0
     from medseg.infer import Predictor
     from medseg.predict import default_postprocessing, predict_all, resolve_checkpoints
@@ -174,7 +190,8 @@ def _cmd_predict(a) -> int:
     predictor = Predictor(resolve_checkpoints(a.model), device=a.device, overlap=a.overlap,
                           sw_batch_size=a.sw_batch_size, amp=False if a.no_amp else None,
                           mirror=a.tta, min_component_ml=a.min_component_ml or 0.0, et_min_ml=et_min)
-    predict_all(predictor, cases, a.out, root, a.convention, a.overwrite, a.probabilities, print_fn=_say)
+    predict_all(predictor, cases, a.out, root, a.convention, a.overwrite, a.probabilities, print_fn=_say,
+                viewer_files=a.viewer_files)
     return 0
 
 
@@ -250,6 +267,16 @@ _ABOUT = {
     "data check": ("Check every file of every case (readable, 4 modalities, one grid, label "
                    "values); nothing is written. Exit 1 when there are errors.",
                    "example:\n  medseg data check --root /data/BraTS2021 --verbose"),
+    "data preprocess": ("Orient, resample, brain-crop and z-score every case of a datalist once, into "
+                        "a compact memory-mapped dataset (float16 images, uint8 labels, tumour "
+                        "locations) keyed by the preprocessing settings. Every fold, `cv --devices` "
+                        "process and DDP rank reads the same files. Parallel, resumable, atomic per "
+                        "case; corrupt or stale entries are rebuilt. `train`/`cv` run it when needed.",
+                        "examples:\n"
+                        "  medseg data preprocess --datalist data_lists/brats2021.json --data-root "
+                        "/data/BraTS2021 --out runs/brats2021_full/preprocessed\n"
+                        "  medseg data preprocess ... --preset cpu --out /scratch/medseg  "
+                        "# then: medseg train ... --cache-dir /scratch/medseg"),
     "data split": ("Write a seeded, patient-grouped K-fold datalist (MONAI Decathlon format).",
                    "example:\n  medseg data split --root /data/BraTS2021 --folds 5 --seed 0 "
                    "--out data_lists/brats2021.json"),
@@ -270,6 +297,9 @@ _ABOUT = {
                 "  medseg predict --model runs/exp/fold_0 --t1 a_t1.nii.gz --t1ce a_t1ce.nii.gz "
                 "--t2 a_t2.nii.gz --flair a_flair.nii.gz --out masks/\n"
                 "  medseg predict --engine onnx --model model.onnx --input /data/new_cases --out masks/\n"
+                "  medseg predict ... --viewer-files   # + <case>.seg.nrrd (3D Slicer), <case>.itksnap.txt\n"
+                "every run also writes OUT/volumes.csv (mL per label and region, lesion counts, "
+                "largest lesion's size in mm) and records it per case in OUT/predictions.json;\n"
                 "an interrupted batch continues when run again with the same settings"),
     "evaluate": ("Dice, HD95, Hausdorff, sensitivity, specificity and volumes per case and region.",
                  "example:\n  medseg evaluate --pred masks/ --ref /data/BraTS2021 --out eval/"),
@@ -338,12 +368,22 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--name", default="", help="datalist name (default: file name)")
             c.add_argument("--overwrite", action="store_true", help="replace a different existing datalist")
 
+    pp = dsub.add_parser("preprocess", help="build (or repair) the preprocessed dataset train/cv read")
+    _experiment_args(pp)
+    pp.add_argument("--out", required=True,
+                    help="folder of preprocessed datasets: cv's OUT/preprocessed, or train's --cache-dir")
+    pp.add_argument("--jobs", type=int, default=None, help="processes (default: CPU count, at most 8)")
+    pp.set_defaults(func=_cmd_preprocess)
+    _describe(pp, "data preprocess")
+
     t = sub.add_parser("train", help="train one fold (resumable; torchrun for several processes)")
     _experiment_args(t)
     t.add_argument("--fold", type=int, help="validation fold (default: train on all cases)")
     t.add_argument("--out", required=True, help="run folder, e.g. runs/exp/fold_0")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
-    t.add_argument("--cache-dir", help="folder for data.cache=disk (default: OUT/cache)")
+    t.add_argument("--cache-dir", help="folder of the preprocessed datasets (data.cache=preprocessed; default: "
+                   "preprocessed/ beside OUT, shared by runs with the same preprocessing) or of the "
+                   "data.cache=disk cache (default: OUT/cache)")
     t.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("cv", help="K-fold cross-validation: train, predict held-out cases, evaluate")
@@ -383,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "in the model's metadata; else 0)")
     pr.add_argument("--probabilities", action="store_true",
                     help="also write OUT/probabilities/<case_id>.nii.gz: TC/WT/ET float maps (X, Y, Z, 3)")
+    pr.add_argument("--viewer-files", action="store_true",
+                    help="also write beside each mask <case_id>.seg.nrrd (3D Slicer segmentation) and "
+                    "<case_id>.itksnap.txt (ITK-SNAP label descriptions): label names and the "
+                    "report's colours")
     pr.add_argument("--engine", choices=["torch", "onnx"], default="torch",
                     help="onnx: run an exported .onnx with onnxruntime only (no torch, no MONAI)")
     pr.add_argument("--overwrite", action="store_true", help="replace existing masks in --out")

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 from medseg.errors import MedsegError
 
 __all__ = ["BUNDLE", "VALUE_KEYS", "bundle_dir", "presets", "bundle_files", "bundle_values",
-           "experiment", "resolve_config", "apply_overrides", "load_config", "parse_override",
+           "experiment", "LATER_KEYS", "resolve_config", "apply_overrides", "load_config", "parse_override",
            "config_hash"]
 
 #: The default experiment definition.
@@ -114,12 +114,22 @@ def _keys(d: dict, prefix: str = "") -> set[str]:
     return out
 
 
+#: Keys added after configs were first written, with the value that reproduces how
+#: a config written before them behaved: filled in when absent, so every older
+#: ``config.json`` and checkpoint still loads, compares and resumes.
+LATER_KEYS = {("train", "modality_dropout"): 0.0, ("train", "ddp_timeout_min"): 30}
+
+
 def experiment(preset: str, seed: int, model: dict, data: dict, train: dict, infer: dict) -> dict:
     """The experiment dict that training consumes, checked against the default
-    bundle's keys: a misspelt or missing key is an error, never a silent default.
-    The bundle's ``experiment`` entry calls this."""
-    cfg = {"preset": preset, "seed": seed, "model": model, "data": data, "train": train,
-           "infer": infer}
+    bundle's keys: a misspelt or missing key is an error, never a silent default
+    (except LATER_KEYS in configs older than them). The bundle's ``experiment``
+    entry calls this."""
+    cfg = copy.deepcopy({"preset": preset, "seed": seed, "model": model, "data": data, "train": train,
+                         "infer": infer})
+    for (section, key), value in LATER_KEYS.items():
+        if isinstance(cfg.get(section), dict):
+            cfg[section].setdefault(key, value)
     ref = _reference_keys()
     have = _keys(cfg)
     unknown, missing = sorted(have - ref), sorted(ref - have)

@@ -26,7 +26,7 @@ from typing import IO, Callable, Sequence
 
 import numpy as np
 
-from medseg.config import config_hash
+from medseg.config import config_hash, experiment
 from medseg.data.folds import load_datalist
 from medseg.data.io import write_json
 from medseg.errors import MedsegError
@@ -35,7 +35,7 @@ from medseg.evaluate import (evaluate_case, format_table, metric_rows, read_rows
 from medseg.infer import Predictor, predict_case
 from medseg.labels import REGIONS
 from medseg.scoring import DEFAULT_RULES, describe_rules, get_rules
-from medseg.train import CHECKPOINT_DIR, fold_data, train_fold
+from medseg.train import CHECKPOINT_DIR, DEFAULT_STORE, fold_data, prepare_store, train_fold
 
 __all__ = ["run_cv", "evaluate_fold", "format_summary", "choose_et_threshold"]
 
@@ -49,10 +49,12 @@ POLL_S = 0.5
 def _train_command(cfg_path: Path, datalist, data_root, fold: int, fold_dir: Path, device: str,
                    resume: bool) -> list[str]:
     """The `medseg train` command line of one fold (a separate function so tests can
-    substitute a cheap child process)."""
+    substitute a cheap child process). Every fold reads the experiment's one
+    preprocessed dataset."""
     cmd = [sys.executable, "-m", "medseg", "train", "--config", str(cfg_path),
            "--datalist", str(datalist), "--data-root", str(data_root), "--fold", str(fold),
-           "--out", str(fold_dir), "--device", device]
+           "--out", str(fold_dir), "--device", device,
+           "--cache-dir", str(fold_dir.parent / DEFAULT_STORE)]
     return cmd + ["--resume"] if resume else cmd
 
 
@@ -219,6 +221,8 @@ def run_cv(cfg: dict, datalist: str | Path, data_root: str | Path, out_dir: str 
     cfg_path = out_dir / "config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
+        if isinstance(old, dict) and set(old) == set(cfg):
+            old = experiment(**old)          # an older config: its later keys filled in
         if old != cfg:
             raise MedsegError(f"{out_dir} holds a cross-validation with another configuration "
                               f"({cfg_path}, hash {config_hash(old)} vs {config_hash(cfg)}); "
@@ -229,6 +233,9 @@ def run_cv(cfg: dict, datalist: str | Path, data_root: str | Path, out_dir: str 
     for k in todo:
         if k not in unfinished:
             print_fn(f"fold {k}: already trained, skipping")
+    if unfinished and cfg["data"]["cache"] == "preprocessed":
+        # Once for the experiment, before any fold: folds (and parallel trainers) share it.
+        prepare_store(cfg, fold_data(datalist, data_root, None), out_dir / DEFAULT_STORE, print_fn)
     if devices and len(devices) > 1 and unfinished:
         _train_folds_parallel(unfinished, devices, cfg_path, datalist, data_root, out_dir, print_fn)
     else:
@@ -237,7 +244,8 @@ def run_cv(cfg: dict, datalist: str | Path, data_root: str | Path, out_dir: str 
             fold_dir = out_dir / f"fold_{k}"
             resume = (fold_dir / CHECKPOINT_DIR / "last.pt").exists()
             train_fold(cfg, datalist, data_root, k, fold_dir, resume=resume,
-                       device=(devices[0] if devices else device), print_fn=print_fn)
+                       device=(devices[0] if devices else device), print_fn=print_fn,
+                       cache_dir=out_dir / DEFAULT_STORE)
             per_fold = (time.perf_counter() - t_train) / n
             left = len(unfinished) - n
             print_fn(f"fold {k} trained: {n}/{len(unfinished)} folds in {(time.perf_counter() - t_train) / 60:.1f} min"

@@ -19,6 +19,7 @@ in the input's label convention.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Sequence
@@ -27,10 +28,13 @@ import nibabel as nib
 import numpy as np
 
 from medseg.data.inputs import InputCase, case_headers, check_modalities, output_convention, run_batch
-from medseg.data.io import load_array, write_label_map
+from medseg.data.io import load_array, load_header, write_label_map, write_region_maps
 from medseg.errors import DataError, MedsegError
 from medseg.labels import CHANNELS, regions_to_labels
 from medseg.postprocess import describe_postprocessing, postprocess
+from medseg.uncertainty import STATISTIC, MemberStats, uncertainty_record
+from medseg.viewer import viewer_paths, write_viewer_files
+from medseg.volumetry import VOLUMES_CSV, case_volumetry, write_batch_volumes
 
 __all__ = ["EdgePredictor", "edge_predict_all", "read_metadata", "resample_linear", "resampled_shape",
            "gaussian_importance", "window_starts"]
@@ -117,9 +121,10 @@ class EdgePredictor:
 
     def __init__(self, model: str | Path, providers: Sequence[str] | None = None,
                  threads: int | None = None, min_component_ml: float | None = None,
-                 et_min_ml: float | None = None):
+                 et_min_ml: float | None = None, mirror: bool = False):
         import onnxruntime as ort
         self.meta = read_metadata(model)
+        self.mirror = mirror
         post = self.meta["postprocessing"]
         self.min_component_ml = float(post["min_component_ml"] if min_component_ml is None else min_component_ml)
         self.et_min_ml = float(post["et_min_ml"] if et_min_ml is None else et_min_ml)
@@ -151,6 +156,10 @@ class EdgePredictor:
     def _run(self, x: np.ndarray) -> np.ndarray:
         """`(4, X, Y, Z)` preprocessed → `(3, X, Y, Z)` probabilities: each model's
         window logits Gaussian-blended, then the sigmoid, then the mean over models."""
+        return self._model_probs(x).mean(0)
+
+    def _model_probs(self, x: np.ndarray) -> np.ndarray:
+        """`(4, X, Y, Z)` preprocessed → `(K, 3, X, Y, Z)` probabilities of each model."""
         roi, ov = self.roi, float(self.meta["overlap"])
         pad = [(0, 0)] + [((max(r - s, 0)) // 2, max(r - s, 0) - (max(r - s, 0)) // 2)
                           for s, r in zip(x.shape[1:], roi)]
@@ -171,12 +180,35 @@ class EdgePredictor:
         acc /= np.maximum(norm, 1e-8)
         sl = tuple(slice(lo, lo + s) for (lo, _), s in zip(pad[1:], x.shape[1:]))
         logits = acc[(slice(None), slice(None), *sl)]
-        return (1.0 / (1.0 + np.exp(-logits))).mean(0).astype(np.float32)
+        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
 
-    def probabilities(self, images: Sequence[str | Path],
-                      channels: Sequence[str] = CHANNELS) -> tuple[np.ndarray, nib.Nifti1Image]:
-        """→ `(3, X, Y, Z)` probabilities on the first file's grid, and its header image."""
-        images = [Path(p) for p in images]
+    def members(self) -> int:
+        """Members of one prediction: models × (8 mirror flips, or 1)."""
+        return int(self.meta["folds"]) * (8 if self.mirror else 1)
+
+    def _members(self, x: np.ndarray, stats: MemberStats | None) -> np.ndarray:
+        """Mirror TTA as `medseg.infer.predict_probs`: the input flipped along each
+        subset of its 3 spatial axes (8 with `mirror`, else none), each model's
+        probabilities flipped back; → `(3, X, Y, Z)` mean over members, each added
+        to `stats` when given."""
+        flips = [c for n in range(4) for c in itertools.combinations((1, 2, 3), n)] if self.mirror else [()]
+        acc, n = None, 0
+        for axes in flips:
+            xi = np.ascontiguousarray(np.flip(x, axes)) if axes else x
+            probs = self._model_probs(xi)
+            if axes:
+                probs = np.flip(probs, tuple(a + 1 for a in axes))
+            for p in probs:
+                if stats is not None:
+                    stats.add(p)
+                else:
+                    acc = p.copy() if acc is None else acc + p
+                n += 1
+        return (acc / n if stats is None else stats.mean()).astype(np.float32)
+
+    def _prepare(self, images: Sequence[Path], channels: Sequence[str]) -> tuple[np.ndarray, tuple]:
+        """→ (`(4, …)` preprocessed crop: RAS, model spacing, brain box, z-score; the
+        grid facts `_restore` needs to bring maps back onto the input grid)."""
         vol, ref = self._read(images, channels)
         ornt = nib.orientations.ornt_transform(nib.io_orientation(ref.affine), _RAS)
         ras = np.stack([nib.orientations.apply_orientation(v, ornt) for v in vol])
@@ -202,22 +234,50 @@ class EdgePredictor:
             if m.any():
                 mu, sd = x[c][m].mean(), x[c][m].std()
                 x[c][m] = (x[c][m] - mu) / (sd if sd > 0 else 1.0)
-        p = self._run(x)
-        full = np.zeros((3, *res.shape[1:]), np.float32)
-        full[(slice(None), *box)] = p
-        back = resample_linear(full, sp_in / sp_out, ras.shape[1:])
+        return x, (ref, box, res.shape[1:], sp_in, sp_out, ras.shape[1:])
+
+    @staticmethod
+    def _restore(maps: np.ndarray, grid: tuple) -> np.ndarray:
+        """`(C, …)` maps on the brain box → `(C, X, Y, Z)` on the input grid: un-crop,
+        linear resampling back, original orientation."""
+        ref, box, shape, sp_in, sp_out, ras_shape = grid
+        full = np.zeros((maps.shape[0], *shape), np.float32)
+        full[(slice(None), *box)] = maps
+        back = resample_linear(full, sp_in / sp_out, ras_shape)
         inv = nib.orientations.ornt_transform(_RAS, nib.io_orientation(ref.affine))
-        probs = np.stack([nib.orientations.apply_orientation(b, inv) for b in back])
-        return probs.astype(np.float32), ref
+        return np.stack([nib.orientations.apply_orientation(b, inv) for b in back]).astype(np.float32)
+
+    def probabilities(self, images: Sequence[str | Path],
+                      channels: Sequence[str] = CHANNELS) -> tuple[np.ndarray, nib.Nifti1Image]:
+        """→ `(3, X, Y, Z)` probabilities on the first file's grid, and its header image."""
+        x, grid = self._prepare([Path(p) for p in images], channels)
+        p = self._members(x, None) if self.mirror else self._run(x)
+        return self._restore(p, grid), grid[0]
+
+    def uncertainty(self, images: Sequence[str | Path], channels: Sequence[str] = CHANNELS,
+                    statistics: Sequence[str] = (STATISTIC,)) -> tuple[np.ndarray, dict, nib.Nifti1Image]:
+        """As `probabilities`, streaming the members (`members()`) through `MemberStats`
+        → (`(3, X, Y, Z)` mean probabilities, {statistic: `(3, X, Y, Z)` map}, header
+        image), all on the input grid, as `medseg.infer.Predictor.uncertainty`."""
+        x, grid = self._prepare([Path(p) for p in images], channels)
+        stats = MemberStats(entropy="mutual_information" in statistics)
+        p = self._members(x, stats)
+        maps = stats.maps(statistics)
+        out = self._restore(np.concatenate([p] + [maps[s] for s in statistics]), grid)
+        return out[:3], {s: out[3 * i + 3: 3 * i + 6] for i, s in enumerate(statistics)}, grid[0]
+
+    def regions(self, probs: np.ndarray, ref: nib.Nifti1Image) -> tuple[np.ndarray, float]:
+        """`(3, X, Y, Z)` probabilities → (post-processed bool TC/WT/ET, voxel volume in mL)."""
+        voxel_ml = float(np.prod(ref.header.get_zooms()[:3])) / 1000.0
+        return postprocess(probs > float(self.meta["threshold"]), voxel_ml,
+                           self.min_component_ml, self.et_min_ml), voxel_ml
 
     def labels(self, images: Sequence[str | Path], convention: str | None = None,
                channels: Sequence[str] = CHANNELS) -> tuple[np.ndarray, nib.Nifti1Image]:
         """→ uint8 label map in `convention` (default: the model's) on the input grid,
         post-processed as the metadata says, and the input's header image."""
         probs, ref = self.probabilities(images, channels)
-        voxel_ml = float(np.prod(ref.header.get_zooms()[:3])) / 1000.0
-        regions = postprocess(probs > float(self.meta["threshold"]), voxel_ml,
-                              self.min_component_ml, self.et_min_ml)
+        regions, _ = self.regions(probs, ref)
         return regions_to_labels(regions, convention or self.meta["label_convention"]), ref
 
     def predict(self, images: Sequence[str | Path], target: str | Path, convention: str | None = None,
@@ -228,16 +288,38 @@ class EdgePredictor:
                         source=f"medseg {self.meta.get('medseg_version', '')} onnx")
         return labels
 
+    def predict_uncertainty(self, images: Sequence[str | Path], target: str | Path,
+                            uncertainty_target: str | Path, convention: str | None = None,
+                            channels: Sequence[str] = CHANNELS,
+                            review_threshold: float | None = None) -> tuple[np.ndarray, dict]:
+        """`predict` plus the `STATISTIC` map (4D float32, X, Y, Z, 3) at
+        `uncertainty_target` → (labels, the case's ``uncertainty`` record)."""
+        conv = convention or self.meta["label_convention"]
+        probs, maps, ref = self.uncertainty(images, channels)
+        regions, voxel_ml = self.regions(probs, ref)
+        labels = regions_to_labels(regions, conv)
+        source = f"medseg {self.meta.get('medseg_version', '')} onnx"
+        write_label_map(labels, ref, Path(target), conv, source=source)
+        write_region_maps(maps[STATISTIC], ref, Path(uncertainty_target), f"{source} uncertainty {STATISTIC}")
+        return labels, uncertainty_record(maps[STATISTIC], regions, probs, voxel_ml, review_threshold,
+                                          STATISTIC, self.members())
+
+    def review_threshold(self) -> dict | None:
+        """The review calibration recorded at export (a cv folder's ``uncertainty.json``), or None."""
+        return self.meta.get("uncertainty")
+
 
 def edge_predict_all(model: str | Path, cases: Sequence[InputCase], out_dir: str | Path,
                      input_root: Path | None, convention: str | None = None, overwrite: bool = False,
                      print_fn=print, min_component_ml: float | None = None,
-                     et_min_ml: float | None = None) -> list[Path]:
+                     et_min_ml: float | None = None, viewer_files: bool = False) -> list[Path]:
     """`medseg predict --engine onnx`: every case → ``out_dir/<case_id>.nii.gz`` in the
     input's label convention (or `convention`); post-processing from the metadata
-    unless given. The batch rules are `medseg.data.inputs.run_batch`'s."""
+    unless given. The batch rules are `medseg.data.inputs.run_batch`'s; the
+    volumetry and `viewer_files` outputs are `medseg.predict.predict_all`'s."""
     out_dir = Path(out_dir)
-    targets = [[out_dir / f"{c.case_id}.nii.gz"] for c in cases]
+    targets = [[out_dir / f"{c.case_id}.nii.gz"] + (viewer_paths(out_dir, c.case_id) if viewer_files else [])
+               for c in cases]
     pred = EdgePredictor(model, min_component_ml=min_component_ml, et_min_ml=et_min_ml)
     check_modalities(cases, pred.meta, str(model))
     conv, why = output_convention(cases, convention, pred.meta["label_convention"])
@@ -247,9 +329,19 @@ def edge_predict_all(model: str | Path, cases: Sequence[InputCase], out_dir: str
            "model": [str(model)], "model_label_convention": pred.meta["label_convention"],
            "postprocessing": post, "min_component_ml": pred.min_component_ml,
            "et_min_ml": pred.et_min_ml}
-    res = run_batch(cases, out_dir, input_root, targets, overwrite, run,
-                    lambda case, outs: pred.predict(case.images, outs[0], conv, case.channels), print_fn)
+
+    def one(case: InputCase, outs: list[Path]) -> dict:
+        labels = pred.predict(case.images, outs[0], conv, case.channels)
+        affine = load_header(outs[0]).affine        # the grid as viewers read the mask
+        if viewer_files:
+            write_viewer_files(labels, affine, conv, outs[-2:])
+        return {"volumes": case_volumetry(labels, affine, conv, str(outs[0]))}
+
+    res = run_batch(cases, out_dir, input_root, targets, overwrite, run, one, print_fn)
+    write_batch_volumes(out_dir, [(c.case_id, t[0]) for c, t in zip(cases, targets)], conv)
     skipped = f" ({res['skipped']} already there)" if res["skipped"] else ""
     print_fn(f"{res['predicted']} masks in {res['seconds']:.1f} s{skipped} with onnxruntime "
              f"({', '.join(pred.session.get_providers())}); labels {conv}; post-processing: {post}")
+    print_fn(f"volumes: {out_dir / VOLUMES_CSV}" + ("; viewer files: <case>.seg.nrrd (3D Slicer), "
+                                                    "<case>.itksnap.txt (ITK-SNAP)" if viewer_files else ""))
     return [t[0] for t in targets]

@@ -6,7 +6,9 @@ probabilities). `predict_case` wraps it for a case on disk: preprocessing
 (RAS, spacing, brain crop, z-score — so windows only cover the brain box),
 inference, inversion of the preprocessing back onto the exact input grid
 (MONAI `Invertd`: un-crop, resample probabilities, re-orient), threshold,
-regions → labels in the case's convention.
+regions → labels in the case's convention. `Predictor.uncertainty` streams the
+members (models × flips) through `medseg.uncertainty.MemberStats` for voxel
+uncertainty maps; `predict_case_uncertainty` writes them and scores the case.
 """
 
 from __future__ import annotations
@@ -26,15 +28,16 @@ from torch import nn
 
 from medseg import __version__
 from medseg.data.inputs import InputCase, case_headers, check_inputs
-from medseg.data.io import load_header, write_label_map, write_nifti
+from medseg.data.io import load_header, write_label_map, write_region_maps
 from medseg.errors import MedsegError
 from medseg.labels import CHANNELS, regions_to_labels
 from medseg.models import network_from_spec
 from medseg.postprocess import postprocess
 from medseg.transforms import IMAGE, preprocessing
+from medseg.uncertainty import STATISTIC, MemberStats, uncertainty_record
 
 __all__ = ["autocast", "predict_probs", "load_model", "Predictor",
-           "predict_case", "write_mask"]
+           "predict_case", "predict_case_uncertainty", "write_mask"]
 
 
 def autocast(device: torch.device, enabled: bool, dtype: str = "bfloat16"):
@@ -59,14 +62,16 @@ def _flips(mirror: bool) -> list[tuple[int, ...]]:
 def predict_probs(models: Sequence[nn.Module], image: torch.Tensor, roi: Sequence[int],
                   overlap: float = 0.5, sw_batch_size: int = 1, amp: bool = True,
                   mirror: bool = False, device: torch.device | str = "cpu",
-                  amp_dtype: str = "bfloat16") -> torch.Tensor:
+                  amp_dtype: str = "bfloat16", stats: MemberStats | None = None) -> torch.Tensor:
     """`image` `(4, X, Y, Z)` preprocessed → `(3, X, Y, Z)` float32 sigmoid probabilities
-    for TC/WT/ET, averaged over `models` and (with `mirror`) the 8 axis flips."""
+    for TC/WT/ET, averaged over `models` and (with `mirror`) the 8 axis flips. With
+    `stats`, every member (model × flip, `(1, 3, X, Y, Z)` on `device`) is added to it
+    instead of to a plain sum (same mean, bit for bit)."""
     device = torch.device(device)
     inferer = SlidingWindowInferer(roi_size=tuple(roi), sw_batch_size=sw_batch_size,
                                    overlap=overlap, mode="gaussian", sigma_scale=0.125)
     x = torch.as_tensor(image, dtype=torch.float32).unsqueeze(0).to(device)
-    acc = torch.zeros((1, 3, *x.shape[2:]), dtype=torch.float32, device=device)
+    acc = torch.zeros((1, 3, *x.shape[2:]), dtype=torch.float32, device=device) if stats is None else None
     n = 0
     for model in models:
         model.eval()
@@ -75,9 +80,13 @@ def predict_probs(models: Sequence[nn.Module], image: torch.Tensor, roi: Sequenc
             with autocast(device, amp, amp_dtype):
                 logits = inferer(xi, model)
             p = torch.sigmoid(torch.as_tensor(logits).float())
-            acc += torch.flip(p, axes) if axes else p
+            p = torch.flip(p, axes) if axes else p
+            if stats is None:
+                acc += p
+            else:
+                stats.add(p)
             n += 1
-    return (acc / n)[0].cpu()
+    return (acc / n)[0].cpu() if stats is None else stats.mean()[0].cpu()
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
@@ -142,11 +151,8 @@ class Predictor:
             self._pre[key] = preprocessing(key, "brats2023", self.meta["spacing"], with_label=False)
         return self._pre[key]
 
-    def probabilities(self, images: Sequence[str | Path],
-                      channels: Sequence[str] = CHANNELS) -> tuple[np.ndarray, Path]:
-        """Four files (or one 4D file) whose channels are in `channels` order →
-        `(3, X, Y, Z)` probabilities on the grid of the first file, and that file."""
-        images = [Path(p) for p in images]
+    def _prepared(self, images: Sequence[Path], channels: Sequence[str]):
+        """→ (preprocessed `(4, …)` MetaTensor, the preprocessing that made it)."""
         pre = self.preprocess(channels)
         case_headers(images)
         src = {IMAGE: [str(p) for p in images] if len(images) > 1 else str(images[0])}
@@ -156,13 +162,48 @@ class Predictor:
             check_inputs([InputCase(images[0].parent.name, images, list(channels))])  # names the file
             raise MedsegError(f"{images[0].parent}: could not preprocess {', '.join(p.name for p in images)} "
                               f"({str(exc).splitlines()[-1]}); run `medseg data check` on this folder") from None
-        img = data[IMAGE]
-        probs = predict_probs(self.models, img, self.meta["roi"], self.overlap, self.sw_batch_size,
-                              self.amp, self.mirror, self.device, self.amp_dtype)
-        pm = MetaTensor(probs, meta=img.meta, applied_operations=img.applied_operations)
+        return data[IMAGE], pre
+
+    @staticmethod
+    def _inverted(arr: torch.Tensor, img, pre) -> np.ndarray:
+        """`(C, …)` maps on the preprocessed grid → `(C, X, Y, Z)` float32 on the input grid
+        (un-crop, linear resampling, original orientation: MONAI `Invertd`)."""
+        pm = MetaTensor(arr, meta=img.meta, applied_operations=img.applied_operations)
         inverted = Invertd(keys="pred", transform=pre, orig_keys=IMAGE,
                            nearest_interp=False, to_tensor=True)({"pred": pm, IMAGE: img})["pred"]
-        return np.asarray(inverted.detach().cpu().numpy(), dtype=np.float32), images[0]
+        return np.asarray(inverted.detach().cpu().numpy(), dtype=np.float32)
+
+    def _run(self, img, stats: MemberStats | None = None) -> torch.Tensor:
+        return predict_probs(self.models, img, self.meta["roi"], self.overlap, self.sw_batch_size,
+                             self.amp, self.mirror, self.device, self.amp_dtype, stats)
+
+    def probabilities(self, images: Sequence[str | Path],
+                      channels: Sequence[str] = CHANNELS) -> tuple[np.ndarray, Path]:
+        """Four files (or one 4D file) whose channels are in `channels` order →
+        `(3, X, Y, Z)` probabilities on the grid of the first file, and that file."""
+        images = [Path(p) for p in images]
+        img, pre = self._prepared(images, channels)
+        return self._inverted(self._run(img), img, pre), images[0]
+
+    def members(self) -> int:
+        """Members of one prediction: models × (8 mirror flips, or 1)."""
+        return len(self.models) * (8 if self.mirror else 1)
+
+    def uncertainty(self, images: Sequence[str | Path], channels: Sequence[str] = CHANNELS,
+                    statistics: Sequence[str] = (STATISTIC,)) -> tuple[np.ndarray, dict, Path]:
+        """As `probabilities`, streaming the members (`members()`) through
+        `MemberStats` → (`(3, X, Y, Z)` mean probabilities, {statistic: `(3, X, Y, Z)`
+        map}, first file), all on the input grid: computed on the model's grid,
+        then inverted together."""
+        images = [Path(p) for p in images]
+        img, pre = self._prepared(images, channels)
+        stats = MemberStats(entropy="mutual_information" in statistics)
+        probs = self._run(img, stats)
+        maps = stats.maps(statistics)
+        stack = torch.cat([probs] + [maps[s][0].float().cpu() for s in statistics])
+        del stats, maps
+        out = self._inverted(stack, img, pre)
+        return out[:3], {s: out[3 * i + 3: 3 * i + 6] for i, s in enumerate(statistics)}, images[0]
 
     def labels(self, images: Sequence[str | Path], convention: str,
                channels: Sequence[str] = CHANNELS) -> tuple[np.ndarray, nib.Nifti1Image]:
@@ -174,6 +215,12 @@ class Predictor:
                          channels: Sequence[str] = CHANNELS):
         """→ (uint8 labels, input header image, `(3, X, Y, Z)` probabilities) on the input grid."""
         probs, ref = self.probabilities(images, channels)
+        regions, ref_img, _ = self.regions(probs, ref)
+        return regions_to_labels(regions, convention), ref_img, probs
+
+    def regions(self, probs: np.ndarray, ref: Path) -> tuple[np.ndarray, nib.Nifti1Image, float]:
+        """`(3, X, Y, Z)` probabilities on the grid of `ref` → (post-processed bool TC/WT/ET,
+        `ref`'s header image, voxel volume in mL)."""
         ref_img = load_header(ref)
         shape = ref_img.shape[:3]
         if probs.shape[1:] != shape:
@@ -181,7 +228,7 @@ class Predictor:
                               f"!= input grid {shape}")
         voxel_ml = float(np.prod(ref_img.header.get_zooms()[:3])) / 1000.0
         regions = postprocess(probs > self.threshold, voxel_ml, self.min_component_ml, self.et_min_ml)
-        return regions_to_labels(regions, convention), ref_img, probs
+        return regions, ref_img, voxel_ml
 
 
 def write_mask(labels: np.ndarray, ref_img: nib.Nifti1Image, target: str | Path, convention: str) -> None:
@@ -199,7 +246,25 @@ def predict_case(predictor: Predictor, images: Sequence[str | Path], convention:
     labels, ref_img, probs = predictor.labels_and_probs(images, convention, channels)
     write_mask(labels, ref_img, target, convention)
     if probs_target is not None:
-        write_nifti(np.ascontiguousarray(np.moveaxis(probs, 0, -1), dtype=np.float32),
-                    ref_img.affine, Path(probs_target), header=ref_img.header, cal=(0.0, 1.0),
-                    descrip=f"medseg {__version__} probabilities TC,WT,ET")
+        write_region_maps(probs, ref_img, Path(probs_target), f"medseg {__version__} probabilities")
     return labels
+
+
+def predict_case_uncertainty(predictor: Predictor, images: Sequence[str | Path], convention: str,
+                             target: str | Path, uncertainty_target: str | Path,
+                             channels: Sequence[str] = CHANNELS, probs_target: str | Path | None = None,
+                             review_threshold: float | None = None) -> tuple[np.ndarray, dict]:
+    """`predict_case` plus `<uncertainty_target>`: the `STATISTIC` map of TC/WT/ET as a 4D
+    float32 image (X, Y, Z, 3) on the input grid → (labels, the case's ``uncertainty``
+    record: `medseg.uncertainty.uncertainty_record`)."""
+    probs, maps, ref = predictor.uncertainty(images, channels)
+    regions, ref_img, voxel_ml = predictor.regions(probs, ref)
+    labels = regions_to_labels(regions, convention)
+    write_mask(labels, ref_img, target, convention)
+    u = maps[STATISTIC]
+    write_region_maps(u, ref_img, Path(uncertainty_target),
+                      f"medseg {__version__} uncertainty {STATISTIC}", cal=(0.0, 1.0))
+    if probs_target is not None:
+        write_region_maps(probs, ref_img, Path(probs_target), f"medseg {__version__} probabilities")
+    return labels, uncertainty_record(u, regions, probs, voxel_ml, review_threshold, STATISTIC,
+                                      predictor.members())

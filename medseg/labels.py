@@ -100,6 +100,12 @@ class LabelConvention:
             "ET": (self.et,),
         }
 
+    def classes(self) -> dict[int, str]:
+        """Each non-background label value → its `CLASS_COLOURS` key, e.g. msd
+        {1: "ED", 2: "NCR", 3: "ET"}; brats2024 {…, 4: "RC"}."""
+        found = {**{v: "RC" for v in self.outside_regions}, self.ncr: "NCR", self.ed: "ED", self.et: "ET"}
+        return {v: found[v] for v in sorted(self.names) if v != 0}
+
     def to_dict(self) -> dict:
         """JSON-ready description, recorded in datalists, checkpoints and outputs."""
         return {

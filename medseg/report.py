@@ -4,26 +4,30 @@ For each predicted case: a PNG with axial, coronal and sagittal FLAIR and T1ce
 slices through the tumour's centre, the mask overlaid (medseg's colour table,
 `medseg.labels.CLASS_COLOURS`, with a legend: edema green, necrosis/NET red,
 enhancing yellow) and, with references, a second
-row showing the reference. An ``index.html`` lists every case with its region
-volumes (mL) and, with references, Dice and HD95. Needs matplotlib (the
-``viz`` extra).
+row showing the reference. An ``index.html`` shows the colour legend and lists
+every case with its volumes (mL) per label and per region, lesion counts and the
+largest lesion's size (`medseg.volumetry`, measured from the mask), the
+uncertainty score and review flag that `medseg predict` recorded in
+``predictions.json`` ("–" when absent; flagged rows stand out) and, with
+references, Dice and HD95. Needs matplotlib (the ``viz`` extra).
 """
 
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from medseg.data.discover import discover
+from medseg.data.inputs import read_manifest
 from medseg.data.io import atomic_path, load_array, load_header
 from medseg.errors import MedsegError
 from medseg.evaluate import evaluate_case, references
-from medseg.labels import CLASS_COLOURS, CLASS_NAMES, REGIONS, labels_to_regions
+from medseg.labels import CLASS_COLOURS, CLASS_NAMES, REGIONS, get_convention, labels_to_regions
 from medseg.scoring import DEFAULT_RULES, get_rules
+from medseg.volumetry import case_volumetry
 
 __all__ = ["make_report", "REGION_COLOURS", "legend"]
 
@@ -107,22 +111,27 @@ def make_report(pred: str | Path, images: str | Path, out: str | Path,
     pred, out = Path(pred), Path(out)
     ds = discover(images)
     refs, conv = references(Path(ref), convention) if ref else ({}, convention)
+    manifest = read_manifest(pred)
+    # The masks' own convention, as `medseg predict` recorded it (it may differ from
+    # the folder's when predicted with --convention).
+    conv = conv or manifest.get("label_convention")
     if conv is None:
         from medseg.data.discover import resolve_convention
         conv = resolve_convention(ds)[0].name if ds.training else \
             {"brats2021": "brats2021", "msd": "msd"}.get(ds.layout.name, "brats2023")
     chans = list(ds.layout.channels)
     cases = [c for c in ds.cases if (pred / f"{c.case_id}.nii.gz").is_file()]
-    missing = _missing_modalities(pred)
+    missing = dict(manifest.get("missing_modalities") or {})
+    records = manifest.get("cases") or {}
     if not cases:
         raise MedsegError(f"--pred {pred}: no <case_id>.nii.gz matches a case of --images {images}")
     table = []
     for case in cases:
         mask_path = pred / f"{case.case_id}.nii.gz"
         mimg = load_header(mask_path)
-        zooms = mimg.header.get_zooms()[:3]
-        voxel_ml = float(np.prod(zooms)) / 1000.0
-        regions = labels_to_regions(load_array(mask_path, mimg, np.int16), conv)
+        labels = load_array(mask_path, mimg)
+        volumes = case_volumetry(labels, mimg.affine, conv, str(mask_path))
+        regions = labels_to_regions(labels, conv)
         shown = {}
         # FLAIR and T1ce, or the modalities the case has when one of them is missing.
         present = [c for c in chans if c not in case.missing]
@@ -144,44 +153,117 @@ def make_report(pred: str | Path, images: str | Path, out: str | Path,
             metrics = evaluate_case(mask_path, refs[case.case_id], conv, rules)
         png = out / f"{case.case_id}.png"
         _case_png(shown, rows, png, case.case_id)
-        table.append((case.case_id, {r: float(regions[i].sum() * voxel_ml) for i, r in enumerate(REGIONS)},
-                      metrics, png.name, missing.get(case.case_id, [])))
+        record = records.get(case.case_id) or {}
+        table.append({"id": case.case_id, "volumes": volumes, "metrics": metrics, "png": png.name,
+                      "missing": missing.get(case.case_id, []),
+                      "uncertainty": record.get("uncertainty") if isinstance(record, dict) else None})
     return _write_html(table, out, conv, bool(refs), rules)
 
 
-def _missing_modalities(pred: Path) -> dict[str, list[str]]:
-    """{case id: modalities it was predicted without}, from the ``predictions.json``
-    `medseg predict` writes beside its masks (empty when there is none)."""
-    try:
-        return dict(json.loads((pred / "predictions.json").read_text()).get("missing_modalities", {}))
-    except (OSError, ValueError):
-        return {}
+_CSS = ("body{font-family:system-ui,sans-serif;margin:20px;color:#222}"
+        "table{border-collapse:collapse;font-size:13px;margin:12px 0}"
+        "th,td{padding:3px 7px;text-align:right;border-bottom:1px solid #ddd}"
+        "th{background:#f2f2f2;text-align:center;font-weight:600}"
+        "td:first-child,th:first-child{text-align:left}"
+        "tr.flagged td{background:#fde7e7}"
+        ".flag{background:#c62828;color:#fff;font-weight:700;padding:1px 7px;border-radius:3px}"
+        ".ok{color:#2e7d32}"
+        ".sw{display:inline-block;width:12px;height:12px;margin-right:4px;border:1px solid #444;"
+        "vertical-align:-1px}"
+        ".sub{font-size:11px;color:#666;white-space:nowrap}"
+        "ul.legend{list-style:none;padding:0;margin:6px 0}ul.legend li{display:inline-block;margin-right:20px}"
+        "img{max-width:100%}")
 
 
-def _write_html(table, out: Path, conv: str, with_ref: bool, rules: str = DEFAULT_RULES) -> Path:
-    head = "".join(f"<th>{r} mL</th>" for r in REGIONS)
+def _swatch(cls: str) -> str:
+    r, g, b = CLASS_COLOURS[cls]
+    return f"<span class='sw' style='background:rgb({r},{g},{b})'></span>"
+
+
+def _legend_html(conv: str) -> str:
+    """The overlay colours with the convention's names and values (the colours of
+    the `--viewer-files` too)."""
+    c = get_convention(conv)
+    items = [f"<li>{_swatch(cls)}<b>{html.escape(c.names[v])}</b> (label {v}): "
+             f"{html.escape(CLASS_NAMES[cls])}{'' if cls in REGION_COLOURS else ', not drawn: no region'}</li>"
+             for v, cls in c.classes().items()]
+    return f"<ul class='legend'>{''.join(items)}</ul>"
+
+
+def _num(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _fmt(x, spec: str) -> str:
+    v = _num(x)
+    return "–" if v is None else format(v, spec)
+
+
+def _uncertainty_cells(u) -> tuple[str, bool]:
+    """The uncertainty and review cells of a case's record ``{"score": {TC, WT, ET},
+    "case_score", "review", "threshold"}`` ("–" when absent), and whether it is flagged."""
+    if not isinstance(u, dict):
+        return "<td>–</td><td>–</td>", False
+    per = u.get("score") if isinstance(u.get("score"), dict) else {}
+    detail = " · ".join(f"{r} {_fmt(per.get(r), '.3f')}" for r in REGIONS if r in per)
+    cell = f"<td>{_fmt(u.get('case_score'), '.3f')}<div class='sub'>{detail}</div></td>"
+    thr = _num(u.get("threshold"))
+    title = f" title='review when the case score is ≥ {thr:.3f}'" if thr is not None else ""
+    if u.get("review") is True:
+        return cell + f"<td{title}><span class='flag'>REVIEW</span></td>", True
+    if u.get("review") is False:
+        return cell + f"<td{title}><span class='ok'>no</span></td>", False
+    return cell + "<td>–</td>", False
+
+
+def _row(e: dict, names: list[str], with_ref: bool) -> str:
+    vol, m = e["volumes"], e["metrics"]
+    big = vol["largest"]["WT"]
+    cells = "".join(f"<td>{vol['labels'][n]:.2f}</td>" for n in names)
+    cells += "".join(f"<td>{vol['regions'][r]:.2f}</td>" for r in REGIONS)
+    cells += "".join(f"<td>{vol['lesions'][r]}</td>" for r in REGIONS)
+    cells += ("<td>–</td>" if big is None else
+              "<td>" + " × ".join(f"{v:.0f}" for v in big["extent_mm"]) + "</td>")
+    unc, flagged = _uncertainty_cells(e["uncertainty"])
+    cells += unc
     if with_ref:
-        head += "".join(f"<th>{r} Dice</th><th>{r} HD95 mm</th>" for r in REGIONS)
-    head += "<th>predicted without</th>"
-    body = []
-    for case_id, vols, metrics, png, miss in table:
-        cells = "".join(f"<td>{vols[r]:.2f}</td>" for r in REGIONS)
-        if with_ref:
-            cells += "".join(f"<td>{metrics[r]['dice']:.3f}</td><td>{metrics[r]['hd95']:.1f}</td>"
-                             if metrics else "<td>–</td><td>–</td>" for r in REGIONS)
-        cells += f"<td>{html.escape(', '.join(miss)) or '–'}</td>"
-        cid = html.escape(case_id)
-        body.append(f"<tr><td><a href='#{cid}'>{cid}</a></td>{cells}</tr>")
-    figs = "".join(f"<h3 id='{html.escape(c)}'>{html.escape(c)}</h3><img src='{html.escape(p)}'>"
-                   for c, _, _, p, _ in table)
+        cells += "".join(f"<td>{m[r]['dice']:.3f}</td>" if m else "<td>–</td>" for r in REGIONS)
+        cells += "".join(f"<td>{m[r]['hd95']:.1f}</td>" if m else "<td>–</td>" for r in REGIONS)
+    cells += f"<td>{html.escape(', '.join(e['missing'])) or '–'}</td>"
+    cid = html.escape(e["id"])
+    return f"<tr{' class=flagged' if flagged else ''}><td><a href='#{cid}'>{cid}</a></td>{cells}</tr>"
+
+
+def _write_html(table: list[dict], out: Path, conv: str, with_ref: bool, rules: str = DEFAULT_RULES) -> Path:
+    c = get_convention(conv)
+    names = [c.names[v] for v in c.classes()]
+    groups = [("volume per label, mL", len(names)), ("volume per region, mL", 3),
+              ("lesions (26-connected)", 3), ("largest WT lesion, mm", 1), ("uncertainty", 1),
+              ("review", 1)] + ([("Dice", 3), ("HD95, mm", 3)] if with_ref else []) + [("predicted without", 1)]
+    top = "<th rowspan=2>case</th>" + "".join(f"<th colspan={n}>{g}</th>" for g, n in groups)
+    sub = "".join(f"<th>{_swatch(cls)}{html.escape(c.names[v])}</th>" for v, cls in c.classes().items())
+    sub += "".join(f"<th>{r}</th>" for r in REGIONS) * 2
+    sub += "<th>RL × AP × SI</th><th>case score</th><th>flag</th>"
+    sub += "".join(f"<th>{r}</th>" for r in REGIONS) * (2 if with_ref else 0) + "<th>modalities</th>"
+    flagged = sum(_uncertainty_cells(e["uncertainty"])[1] for e in table)
+    scored = sum(isinstance(e["uncertainty"], dict) for e in table)
+    review = (f"<b>{flagged} of {scored}</b> scored case(s) flagged for review (uncertainty case score ≥ "
+              "the threshold chosen on cross-validation)." if scored else
+              "No uncertainty in predictions.json: uncertainty and review show –.")
+    figs = "".join(f"<h3 id='{html.escape(e['id'])}'>{html.escape(e['id'])}"
+                   f"{' <span class=flag>REVIEW</span>' if _uncertainty_cells(e['uncertainty'])[1] else ''}"
+                   f"</h3><img src='{html.escape(e['png'])}'>" for e in table)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>medseg report</title>"
-            "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}"
-            "td:first-child{text-align:left}</style></head><body>"
-            f"<h1>medseg report</h1><p>{len(table)} cases; labels {html.escape(conv)}. Overlay: "
-            "edema green, necrosis/non-enhancing red, enhancing yellow. Cases predicted without some "
+            f"<style>{_CSS}</style></head><body>"
+            f"<h1>medseg report</h1><p>{len(table)} cases; labels {html.escape(conv)}. {review} "
+            "Volumes: voxels × voxel volume; lesions: connected components of each region (voxels "
+            "touching by a face, edge or corner); largest lesion: its extent along the scanner axes "
+            "(right–left, anterior–posterior, superior–inferior). Cases predicted without some "
             "modalities say which. Scoring rules "
             f"<b>{html.escape(rules)}</b>: {html.escape(get_rules(rules).description)}.</p>"
-            f"<table><tr><th>case</th>{head}</tr>{''.join(body)}</table>{figs}</body></html>")
+            f"{_legend_html(conv)}"
+            f"<table><tr>{top}</tr><tr>{sub}</tr>{''.join(_row(e, names, with_ref) for e in table)}"
+            f"</table>{figs}</body></html>")
     target = out / "index.html"
     with atomic_path(target) as tmp:
         tmp.write_text(page)

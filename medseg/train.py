@@ -40,20 +40,23 @@ from monai.transforms import Compose, Randomizable, Transform
 from torch import nn
 
 from medseg import __version__
-from medseg.config import config_hash
+from medseg.config import config_hash, experiment
 from medseg.data.folds import load_datalist
 from medseg.data.io import atomic_path, write_json
+from medseg.data.patches import EpochSampler, PatchDataset, VolumeDataset
+from medseg.data.preprocessed import Store, ensure_store
 from medseg.errors import MedsegError
 from medseg.infer import autocast, predict_probs
 from medseg.labels import CHANNELS, REGIONS
 from medseg.losses import build_loss
 from medseg.metrics import case_metrics
 from medseg.models import network_from_spec, size_divisor, unet3d_outputs
-from medseg.transforms import IMAGE, LABEL, preprocessing, train_augmentation
+from medseg.transforms import IMAGE, LABEL, patch_augmentation, preprocessing, train_augmentation
 
 __all__ = ["FoldData", "fold_data", "train_fold", "lr_factor", "CHECKPOINT_DIR", "build_network",
            "build_criterion", "build_transforms", "build_optimizer", "deep_supervised", "cache_key",
-           "modality_dropout", "input_subsets"]
+           "modality_dropout", "input_subsets", "loader_workers", "prepare_store", "store_root",
+           "DEFAULT_STORE"]
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -203,12 +206,23 @@ class Dist:
         return self.rank == 0
 
 
-def _setup_distributed(device: torch.device) -> Dist:
+def ddp_timeout_s(cfg: dict) -> float:
+    """``train.ddp_timeout_min`` in seconds: how long a rank waits for the others
+    (process group collectives, the shared preprocessed dataset)."""
+    minutes = float(cfg["train"].get("ddp_timeout_min", 30))
+    if minutes <= 0:
+        raise MedsegError(f"train.ddp_timeout_min={minutes}: expected minutes > 0")
+    return 60.0 * minutes
+
+
+def _setup_distributed(device: torch.device, cfg: dict) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        import datetime
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=ddp_timeout_s(cfg)))
     d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cpu":
         # 2 ranks on 2 cores: one thread each, not two threads fighting per core.
@@ -341,21 +355,60 @@ def cache_key(transform: Compose, cfg: dict, data: FoldData) -> str:
                         "convention": data.convention, "medseg": __version__, "steps": steps})
 
 
-def _datasets(data: FoldData, cfg: dict, cache_dir: Path | None):
+#: Folder of preprocessed datasets, beside the run folders (`medseg train --out
+#: runs/x` → runs/preprocessed/<key>; `medseg cv --out runs/cv` → runs/cv/preprocessed/<key>).
+DEFAULT_STORE = "preprocessed"
+
+
+def store_root(out_dir: Path, cache_dir: str | Path | None) -> Path:
+    """Where the preprocessed datasets live: `cache_dir`, or DEFAULT_STORE beside `out_dir`."""
+    return Path(cache_dir) if cache_dir else Path(out_dir).resolve().parent / DEFAULT_STORE
+
+
+def loader_workers(cfg: dict, world: int = 1) -> int:
+    """``data.num_workers``, or with null the CPU count (shared by the ranks of this
+    machine) minus one for the training process, at most 8."""
+    n = cfg["data"]["num_workers"]
+    if n is None or n == "auto":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        return max(0, min(8, (os.cpu_count() or 1) // max(1, local) - 1))
+    if not isinstance(n, int) or n < 0:
+        raise MedsegError(f"data.num_workers={n!r}: expected a count >= 0, or null for one per CPU core")
+    return n
+
+
+def prepare_store(cfg: dict, data: FoldData, root: Path, print_fn=print, share=(0, 1),
+                  timeout_s: float | None = None, jobs: int | None = None) -> Store:
+    """The experiment's preprocessed dataset (every case of the datalist: built once,
+    shared by every fold and rank), built or repaired as needed."""
+    cases = sorted(data.train + data.val, key=lambda c: c["id"])
+    return ensure_store(cases, root, cfg["data"]["spacing"], data.channels, data.convention, jobs=jobs,
+                        print_fn=print_fn, share=share, wait_for_others=share[1] > 1, timeout_s=timeout_s)
+
+
+def _datasets(data: FoldData, cfg: dict, cache_dir: Path | None, print_fn=print, share=(0, 1),
+              timeout_s: float | None = None):
+    cache = cfg["data"]["cache"]
+    if cache == "preprocessed":
+        store = prepare_store(cfg, data, cache_dir, print_fn, share, timeout_s)
+        aug = patch_augmentation(modality_dropout(cfg))
+        train_ds = PatchDataset(store, [c["id"] for c in data.train], cfg["train"]["patch"],
+                                *cfg["train"]["pos_neg"], aug)
+        return train_ds, VolumeDataset(store, [c["id"] for c in data.val])
     pre = build_transforms(cfg, data.channels, data.convention, training=False)
     train_tf = build_transforms(cfg, data.channels, data.convention, training=True)
-    workers = cfg["data"]["num_workers"]
-    if cfg["data"]["cache"] == "disk":
+    workers = loader_workers(cfg)
+    if cache == "disk":
         if cache_dir is None:
             raise MedsegError("data.cache=disk needs a cache folder")
         train_ds = PersistentDataset(data.train, train_tf, cache_dir=cache_dir / cache_key(train_tf, cfg, data))
         val_ds = PersistentDataset(data.val, pre, cache_dir=cache_dir / cache_key(pre, cfg, data))
-    elif cfg["data"]["cache"] == "memory":
+    elif cache == "memory":
         train_ds = CacheDataset(data.train, train_tf, num_workers=max(1, workers), progress=False)
         val_ds = CacheDataset(data.val, pre, num_workers=max(1, workers), progress=False) \
             if data.val else Dataset([], pre)
     else:
-        raise MedsegError(f"data.cache={cfg['data']['cache']!r}; expected 'memory' or 'disk'")
+        raise MedsegError(f"data.cache={cache!r}; expected 'preprocessed', 'memory' or 'disk'")
     return train_ds, val_ds
 
 
@@ -370,13 +423,16 @@ def _check_patch(cfg: dict) -> None:
 
 def _train_epoch(model, loader, loss_fn, opt, sched, cfg, device, deep_sup, bar,
                  scaler: torch.amp.GradScaler | None = None) -> float:
+    """One epoch; returns the mean loss. The loss stays on the device: the host
+    waits for it once, at the end (a progress bar on a terminal reads it per step)."""
     model.train()
     tcfg = cfg["train"]
     scaler = scaler or torch.amp.GradScaler(enabled=False)
-    total, n = 0.0, 0
+    total, n = torch.zeros((), device=device), 0
+    cuda = device.type == "cuda"
     for batch in loader:
-        x = torch.as_tensor(batch[IMAGE]).to(device)
-        y = torch.as_tensor(batch[LABEL]).to(device)
+        x = torch.as_tensor(batch[IMAGE]).to(device, non_blocking=cuda)
+        y = torch.as_tensor(batch[LABEL]).to(device, non_blocking=cuda)
         if tcfg["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with autocast(device, tcfg["amp"], tcfg["amp_dtype"]):
@@ -384,9 +440,6 @@ def _train_epoch(model, loader, loss_fn, opt, sched, cfg, device, deep_sup, bar,
         # DynUNet in training mode: (B, 1 + heads, 3, ...) → list, full resolution first.
         preds = [o.float() for o in torch.unbind(out, 1)] if deep_sup else out.float()
         loss = loss_fn(preds, y)
-        if not torch.isfinite(loss):
-            raise MedsegError(f"training loss became {loss.item()} at lr {sched.get_last_lr()[0]:.3g}; "
-                              "lower train.lr or set train.amp=false")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if tcfg["grad_clip"]:
@@ -395,32 +448,55 @@ def _train_epoch(model, loader, loss_fn, opt, sched, cfg, device, deep_sup, bar,
         scaler.step(opt)
         scaler.update()
         sched.step()
-        total += loss.item()
+        total += loss.detach()
         n += 1
         if bar is not None:
-            bar.set_postfix(loss=f"{total / n:.3f}")
+            bar.set_postfix(loss=f"{total.item() / n:.3f}")
             bar.update(1)
-    return total / max(1, n)
+    mean = total.item() / max(1, n)
+    if not math.isfinite(mean):
+        raise MedsegError(f"training loss became {mean} (lr {sched.get_last_lr()[0]:.3g}); lower "
+                          "train.lr or set train.amp=false, then resume from the last good checkpoint "
+                          "or start again")
+    return mean
 
 
-def validate(model: nn.Module, val_ds, cfg: dict, device: torch.device) -> dict[str, float]:
+def validate(model: nn.Module, val_ds, cfg: dict, device: torch.device, dd: "Dist | None" = None
+             ) -> dict[str, float]:
     """Full-volume sliding-window inference (the prediction code) on preprocessed
-    validation cases; mean Dice and HD95 per region at the training spacing."""
+    validation cases; mean Dice and HD95 per region at the training spacing. Under
+    DDP each rank validates every world-th case and the rows are gathered."""
     inf, n_max = cfg["infer"], cfg["train"]["val_max_cases"]
+    dd = dd or Dist()
     rows = []
-    for i in range(len(val_ds) if not n_max else min(n_max, len(val_ds))):
+    n = len(val_ds) if not n_max else min(n_max, len(val_ds))
+    for i in range(dd.rank, n, dd.world):
         item = val_ds[i]
         probs = predict_probs([model], item[IMAGE], cfg["train"]["patch"], inf["overlap"],
                               inf["sw_batch_size"], cfg["train"]["amp"], device=device,
                               amp_dtype=cfg["train"]["amp_dtype"])
         ref = np.asarray(item[LABEL]) > 0.5
         rows.append(case_metrics(probs.numpy() > inf["threshold"], ref, cfg["data"]["spacing"]))
+    if dd.world > 1:
+        gathered: list = [None] * dd.world
+        dist.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
     out = {}
     for r in REGIONS:
         out[f"dice_{r}"] = float(np.mean([row[r]["dice"] for row in rows]))
         out[f"hd95_{r}"] = float(np.mean([row[r]["hd95"] for row in rows]))
     out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in REGIONS]))
     return out
+
+
+def _amp_dtype(cfg: dict, device: torch.device, log) -> dict:
+    """bf16 only where the GPU supports it (before Ampere: fp16 with loss scaling)."""
+    tcfg = cfg["train"]
+    if (device.type == "cuda" and tcfg["amp"] and tcfg["amp_dtype"] == "bfloat16"
+            and not torch.cuda.is_bf16_supported()):
+        log(f"{torch.cuda.get_device_name(device)} has no bfloat16: training in float16 with loss scaling")
+        return dict(cfg, train=dict(tcfg, amp_dtype="float16"))
+    return cfg
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -439,12 +515,15 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
                           "was not started by torchrun; run: torchrun --nproc_per_node N -m monai.bundle "
                           "run training --config_file \"['.../train.json','.../multi_gpu_train.json']\" ...")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dd = _setup_distributed(dev)
+    dd = _setup_distributed(dev, cfg)
     if dev.type == "cuda" and dd.world > 1:
         dev = torch.device("cuda", dd.local_rank)
         torch.cuda.set_device(dev)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True     # fixed patch shape: pick the fastest kernels once
     log = print_fn if dd.main else (lambda s: None)
-    tcfg = cfg["train"]
+    run_cfg = _amp_dtype(cfg, dev, log)           # what runs; `cfg` is what the user asked (stored)
+    tcfg = run_cfg["train"]
     _check_patch(cfg)
     modality_dropout(cfg)
     ckpt_dir = out_dir / CHECKPOINT_DIR
@@ -460,7 +539,19 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
         raise MedsegError(f"fold {fold}: no training cases in {datalist}")
     seed = int(cfg["seed"])
     _seed_all(seed)
-    train_ds, val_ds = _datasets(data, cfg, Path(cache_dir) if cache_dir else out_dir / "cache")
+    preprocessed = cfg["data"]["cache"] == "preprocessed"
+    root = store_root(out_dir, cache_dir) if preprocessed else (Path(cache_dir) if cache_dir else out_dir / "cache")
+    train_ds, val_ds = _datasets(data, cfg, root, log, (dd.rank, dd.world), ddp_timeout_s(cfg))
+    workers = loader_workers(cfg, dd.world)
+    sampler, loader = None, None
+    if preprocessed:
+        # One loader for the run: workers persist across epochs; each sample's seed
+        # (from the sampler) fixes its patch and augmentation, whichever worker makes it.
+        sampler = EpochSampler(len(train_ds), tcfg["iters_per_epoch"] * tcfg["batch_size"], seed,
+                               dd.rank, dd.world)
+        loader = DataLoader(train_ds, batch_size=tcfg["batch_size"], sampler=sampler, num_workers=workers,
+                            persistent_workers=workers > 0, pin_memory=dev.type == "cuda",
+                            prefetch_factor=4 if workers > 0 else None)
 
     net = cfg["model"]
     deep_sup = deep_supervised(cfg)
@@ -500,7 +591,7 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
         scaler.load_state_dict(ck["scaler"])
         _set_rng_state(ck["rng"])
         start, history, best = ck["epoch"], ck["history"], ck["best"]
-        if ck["config"] != cfg:
+        if experiment(**ck["config"]) != cfg:
             raise MedsegError(f"{last}: the run was started with another configuration; resume "
                               "with the same options (see config.json there) or start a new --out")
         log(f"resumed {out_dir} at epoch {start}/{tcfg['epochs']}")
@@ -518,16 +609,18 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
         t0 = time.perf_counter()
         es = seed * 100_003 + epoch
         _seed_all(es)
-        idx = _epoch_indices(len(train_ds), tcfg["iters_per_epoch"] * tcfg["batch_size"],
-                             seed, epoch, dd.rank, dd.world)
-        workers = cfg["data"]["num_workers"]
-        if workers == 0:
-            train_ds.transform.set_random_state(seed=es % 2**32)
-        loader = DataLoader(train_ds, batch_size=tcfg["batch_size"], sampler=idx,
-                            num_workers=workers, generator=torch.Generator().manual_seed(es),
-                            persistent_workers=False)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        else:
+            idx = _epoch_indices(len(train_ds), tcfg["iters_per_epoch"] * tcfg["batch_size"],
+                                 seed, epoch, dd.rank, dd.world)
+            if workers == 0:
+                train_ds.transform.set_random_state(seed=es % 2**32)
+            loader = DataLoader(train_ds, batch_size=tcfg["batch_size"], sampler=idx,
+                                num_workers=workers, generator=torch.Generator().manual_seed(es),
+                                persistent_workers=False)
         bar = _progress(len(loader), f"epoch {epoch + 1}/{tcfg['epochs']}", dd.main)
-        loss = _train_epoch(train_model, loader, loss_fn, opt, sched, cfg, dev, deep_sup, bar, scaler)
+        loss = _train_epoch(train_model, loader, loss_fn, opt, sched, run_cfg, dev, deep_sup, bar, scaler)
         if bar is not None:
             bar.close()
         if dd.world > 1:
@@ -536,8 +629,8 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
             loss = t.item() / dd.world
         row = {"epoch": epoch + 1, "train_loss": loss, "lr": sched.get_last_lr()[0]}
         is_val = len(val_ds) and ((epoch + 1) % tcfg["val_every"] == 0 or epoch + 1 == tcfg["epochs"])
-        if is_val and dd.main:
-            row.update(validate(model, val_ds, cfg, dev))
+        if is_val:
+            row.update(validate(model, val_ds, run_cfg, dev, dd))
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         if dd.main:

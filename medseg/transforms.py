@@ -9,6 +9,8 @@ float32 multi-hot TC/WT/ET.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
-    Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform,
+    Affine, Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform,
     NormalizeIntensityd, Orientationd, RandAdjustContrastd, RandCropByPosNegLabeld, RandFlipd,
     RandGaussianNoised, RandomizableTransform, RandRotated, RandScaleIntensityd, RandShiftIntensityd, RandZoomd,
     Spacingd, SpatialPadd,
@@ -26,10 +28,16 @@ from medseg.errors import MedsegError
 from medseg.labels import CHANNELS, labels_to_regions
 
 __all__ = ["IMAGE", "LABEL", "NEGLIGIBLE", "MISSING_FILL", "ReorderChannelsd", "FillMissingChannelsd",
-           "RandModalityDropoutd", "LabelsToRegionsd", "ClearResamplingNoised", "preprocessing",
-           "train_augmentation"]
+           "RandModalityDropoutd", "LabelsToRegionsd", "ClearResamplingNoised", "RandRotateZoomd",
+           "preprocessing", "train_augmentation", "patch_augmentation"]
 
 IMAGE, LABEL = "image", "label"
+
+# LoadImaged registers every MONAI reader; with pydicom installed (DICOM input),
+# MONAI's GPU DICOM decoder plugin then reports at each load that nvImageCodec is
+# absent. medseg decodes DICOM itself (medseg.dicom): the notice is noise.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 
 
 class ReorderChannelsd(MapTransform):
@@ -206,3 +214,65 @@ def train_augmentation(patch: Sequence[int], pos: float = 2.0, neg: float = 1.0,
         RandGaussianNoised(IMAGE, std=0.05, prob=0.15),
         *dropout,
     ])
+
+
+class RandRotateZoomd(RandomizableTransform, MapTransform):
+    """Rotation (probability `prob_rotate`, up to `max_angle` rad about each axis)
+    and isotropic zoom (probability `prob_zoom`, factor in `zoom_range`), drawn
+    independently as RandRotated and RandZoomd do, applied in ONE resampling
+    (MONAI `Affine`: bilinear image, nearest label, zero padding, same size). Two
+    resamplings cost twice and blur twice; nnU-Net also composes them."""
+
+    def __init__(self, keys: KeysCollection, prob_rotate: float = 0.2, max_angle: float = 0.26,
+                 prob_zoom: float = 0.2, zoom_range: tuple[float, float] = (0.85, 1.15),
+                 mode: Sequence[str] = ("bilinear", "nearest")):
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, 1.0)
+        self.prob_rotate, self.max_angle = prob_rotate, max_angle
+        self.prob_zoom, self.zoom_range = prob_zoom, zoom_range
+        self.mode = tuple(mode)
+        self.angles: tuple[float, float, float] | None = None
+        self.zoom: float | None = None
+
+    def randomize(self, data=None) -> None:
+        rotate = self.R.rand() < self.prob_rotate
+        angles = self.R.uniform(-self.max_angle, self.max_angle, 3)
+        zoom = self.R.rand() < self.prob_zoom
+        factor = self.R.uniform(*self.zoom_range)
+        self.angles = tuple(float(a) for a in angles) if rotate else None
+        self.zoom = float(factor) if zoom else None
+
+    def __call__(self, data):
+        d = dict(data)
+        self.randomize()
+        if self.angles is None and self.zoom is None:
+            return d
+        # Affine scales the sampling grid: a grid scaled by 1/z shows the image z times larger.
+        scale = [1.0 / self.zoom] * 3 if self.zoom else None
+        for key, mode in zip(self.key_iterator(d), self.mode):
+            img = torch.as_tensor(d[key])
+            out, _ = Affine(rotate_params=self.angles, scale_params=scale, spatial_size=img.shape[1:],
+                            mode=mode, padding_mode="zeros", image_only=False)(img.float())
+            d[key] = out.as_tensor() if isinstance(out, MetaTensor) else out
+        return d
+
+
+def patch_augmentation(modality_dropout: float = 0.0) -> Compose:
+    """The augmentation of `train_augmentation` for a patch already cut from a
+    preprocessed case (`medseg.data.patches`): ``image`` `(4, *patch)` and ``label``
+    the `(1, *patch)` label map (regions are made after, from the moved labels).
+    Rotation and zoom in one resampling (`RandRotateZoomd`); the same flips,
+    intensity scale/shift, gamma, noise and modality dropout."""
+    keys = [IMAGE, LABEL]
+    dropout = [RandModalityDropoutd(IMAGE, modality_dropout)] if modality_dropout > 0 else []
+    return Compose([
+        RandRotateZoomd(keys, prob_rotate=0.2, max_angle=0.26, prob_zoom=0.2, zoom_range=(0.85, 1.15)),
+        RandFlipd(keys, prob=0.5, spatial_axis=0),
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandFlipd(keys, prob=0.5, spatial_axis=2),
+        RandScaleIntensityd(IMAGE, factors=0.1, prob=0.5),
+        RandShiftIntensityd(IMAGE, offsets=0.1, prob=0.5),
+        RandAdjustContrastd(IMAGE, gamma=(0.7, 1.5), prob=0.3),
+        RandGaussianNoised(IMAGE, std=0.05, prob=0.15),
+        *dropout,
+    ], lazy=False)

@@ -1,16 +1,19 @@
 """Inputs of prediction (torch-free, shared by the PyTorch and ONNX engines): cases
-from a data folder, a datalist or four explicit files, and the output-safety rules
-(never inside the input folder, never overwrite without asking)."""
+from a data folder, a datalist, four explicit files or DICOM series folders
+(`medseg.data.dicom`), and the output-safety rules (never inside the input
+folder, never overwrite without asking)."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -20,9 +23,12 @@ from medseg.data.io import is_nifti, load_array, load_header, nifti_stem, write_
 from medseg.errors import DataError, MedsegError
 from medseg.labels import CHANNELS, get_convention
 
+if TYPE_CHECKING:
+    from medseg.data.dicom import DicomCase
+
 __all__ = ["InputCase", "cases_from_input", "single_case", "check_modalities", "output_convention", "write_manifest",
            "read_manifest",
-           "case_headers", "check_inputs", "run_batch", "MANIFEST"]
+           "case_headers", "check_inputs", "run_batch", "MANIFEST", "case_files", "dicom_seg_path"]
 
 
 @dataclass
@@ -34,11 +40,30 @@ class InputCase:
     #: tell), and where that was read.
     convention: str | None = None
     convention_source: str = ""
+    #: DICOM input (`medseg.data.dicom`): the checked series; `images` are then their folders.
+    dicom: DicomCase | None = None
 
     @property
     def missing(self) -> list[str]:
         """Modalities (CHANNELS names) the case has no file for."""
         return [c for c in CHANNELS if c not in self.channels]
+
+
+@contextmanager
+def case_files(case: InputCase) -> Iterator[list[Path]]:
+    """The case's NIfTI files: its own, or for DICOM series a NIfTI copy of each in a
+    temporary folder, removed afterwards (so both engines read DICOM as NIfTI)."""
+    if case.dicom is None:
+        yield list(case.images)
+        return
+    with tempfile.TemporaryDirectory(prefix="medseg-dicom-") as tmp:
+        yield case.dicom.to_nifti(Path(tmp))
+
+
+def dicom_seg_path(out_dir: Path, case: InputCase) -> list[Path]:
+    """``[out_dir/<case id>_seg.dcm]``, the DICOM Segmentation of a case read from
+    DICOM series; ``[]`` for NIfTI input."""
+    return [Path(out_dir) / f"{case.case_id}_seg.dcm"] if case.dicom is not None else []
 
 
 def cases_from_input(path: str | Path, data_root: str | Path | None = None) -> tuple[list[InputCase], Path]:
@@ -60,6 +85,9 @@ def cases_from_input(path: str | Path, data_root: str | Path | None = None) -> t
         return cases, root
     if not path.is_dir():
         raise MedsegError(f"--input {path}: not a folder or a datalist .json")
+    from medseg.data.dicom import dicom_cases, is_dicom_input
+    if is_dicom_input(path):
+        return dicom_cases(path)
     ds = discover(path)
     src = f"the {ds.layout.name} file names in {path}"
     cases = []
@@ -85,6 +113,14 @@ def single_case(files: dict[str, str | None], case_id: str | None = None) -> Inp
     if not got:
         raise MedsegError("single-case prediction needs at least one of --t1 --t1ce --t2 --flair "
                           "(all four unless the model was trained with modality dropout)")
+    folders = [ch for ch, p in got.items() if p.is_dir()]
+    if folders and len(folders) < len(got):
+        raise MedsegError(f"--{folders[0]} {got[folders[0]]} is a folder (a DICOM series) but "
+                          f"--{next(c for c in got if c not in folders)} is a file; give four DICOM "
+                          "series folders or four NIfTI files")
+    if folders:
+        from medseg.data.dicom import dicom_case
+        return dicom_case(got, case_id)
     for ch, p in got.items():
         if not p.is_file():
             raise DataError(f"--{ch} {p}: file not found")
@@ -214,6 +250,8 @@ def check_inputs(cases: Sequence[InputCase], jobs: int | None = None) -> None:
     problem is a `DataError` naming the file, what was expected and the fix.
     Threads: gzip decoding releases the GIL."""
     def one(case: InputCase) -> None:
+        if case.dicom is not None:       # read and checked when the case was made
+            return
         for path, head in zip(case.images, case_headers(case.images)):
             load_array(path, head)
     with ThreadPoolExecutor(max_workers=jobs or min(4, os.cpu_count() or 1)) as pool:

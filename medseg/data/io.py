@@ -33,6 +33,7 @@ __all__ = [
     "write_json",
     "write_nifti",
     "write_label_map",
+    "write_region_maps",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -158,3 +159,12 @@ def write_label_map(labels: np.ndarray, ref: nib.Nifti1Image, target: Path, conv
     conv = get_convention(convention)
     write_nifti(np.asarray(labels, np.uint8), ref.affine, Path(target), header=ref.header,
                 intent="label", cal=(0.0, float(max(conv.names))), descrip=f"{source} labels={conv.name}")
+
+
+def write_region_maps(maps: np.ndarray, ref: nib.Nifti1Image, target: Path, descrip: str,
+                      cal: tuple[float, float] = (0.0, 1.0)) -> None:
+    """`(3, X, Y, Z)` float maps of TC/WT/ET (probabilities, uncertainty) → one 4D
+    float32 image (X, Y, Z, 3) on `ref`'s grid (its geometry only), display range
+    `cal`, ``descrip`` followed by "TC,WT,ET", written atomically."""
+    write_nifti(np.ascontiguousarray(np.moveaxis(maps, 0, -1), dtype=np.float32), ref.affine,
+                Path(target), header=ref.header, cal=cal, descrip=f"{descrip} TC,WT,ET")

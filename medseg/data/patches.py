@@ -1,0 +1,159 @@
+"""Training and validation data read from a preprocessed store (`medseg.data.preprocessed`).
+
+`PatchDataset` is indexed by ``(case index, seed)`` pairs that `EpochSampler`
+yields: the seed fixes the patch position and every augmentation of that sample,
+whichever loader worker makes it, so persistent workers (started once per
+training run, not per epoch) keep training reproducible and a resumed run
+replays the same samples. A sample reads only its patch from the memory-mapped
+case (a few MB), not the case: resident memory does not grow with the number of
+cases, and nothing is recomputed over the whole volume (tumour locations were
+sampled once, at preprocessing).
+
+Patch position, as MONAI's RandCropByPosNegLabeld after SpatialPadd (the
+in-memory path): with probability pos/(pos+neg) the centre is a tumour voxel
+(one tumour label of the case chosen uniformly, as nnU-Net does, so a small
+enhancing core is not drowned by oedema; then one of its stored voxels), else a
+background voxel anywhere in the brain box; the centre is then shifted so the
+patch lies inside the box, and a box smaller than the patch is zero-padded
+around its centre.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from monai.data import get_track_meta, set_track_meta
+from monai.transforms import Compose
+from torch.utils.data import Dataset, Sampler
+
+from medseg.data.preprocessed import Store
+from medseg.labels import labels_to_regions
+from medseg.transforms import IMAGE, LABEL
+
+__all__ = ["PatchDataset", "VolumeDataset", "EpochSampler", "patch_window", "sample_seed"]
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """The seed of the `position`-th sample of an epoch (the same on every rank and
+    worker count)."""
+    return int(np.random.SeedSequence([int(seed), int(epoch), int(position)]).generate_state(1)[0])
+
+
+def patch_window(shape: Sequence[int], centre: Sequence[int], patch: Sequence[int]):
+    """Source slices (in the volume) and target slices (in the patch) of a patch of
+    size `patch` centred on `centre`, moved inside the volume; an axis shorter than
+    the patch is read whole and placed in the middle (zero padding around it)."""
+    src, dst = [], []
+    for n, c, p in zip(shape, centre, patch):
+        if n <= p:
+            off = (p - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(off, off + n))
+        else:
+            start = min(max(int(c) - p // 2, 0), n - p)
+            src.append(slice(start, start + p))
+            dst.append(slice(0, p))
+    return tuple(src), tuple(dst)
+
+
+class PatchDataset(Dataset):
+    """Augmented training patches: ``dataset[(i, seed)]`` → {"image": (4, *patch)
+    float32, "label": (3, *patch) float32 TC/WT/ET} of case `case_ids[i]`."""
+
+    def __init__(self, store: Store, case_ids: Sequence[str], patch: Sequence[int], pos: float, neg: float,
+                 augmentation: Compose | None):
+        self.store, self.case_ids = store, list(case_ids)
+        self.patch = tuple(int(p) for p in patch)
+        self.p_pos = pos / (pos + neg) if pos + neg > 0 else 0.0
+        self.augmentation = augmentation
+        self._locations: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def _centre(self, case_id: str, shape, label, rng: np.random.Generator):
+        locs = self._locations.get(case_id)
+        if locs is None:
+            locs = self._locations[case_id] = self.store.locations(case_id)
+        if len(locs) and rng.random() < self.p_pos:
+            classes = np.unique(locs[:, 0])
+            rows = locs[locs[:, 0] == classes[rng.integers(len(classes))]]
+            return rows[rng.integers(len(rows)), 1:]
+        for _ in range(10):          # background: a voxel outside the tumour
+            c = [int(rng.integers(n)) for n in shape]
+            if label[tuple(c)] == 0:
+                break
+        return c
+
+    def read(self, i: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The patch (image float32, label map uint8) before augmentation."""
+        case_id = self.case_ids[i]
+        rng = np.random.default_rng(seed)
+        image, label = self.store.image(case_id), self.store.label(case_id)
+        src, dst = patch_window(label.shape, self._centre(case_id, label.shape, label, rng), self.patch)
+        img = np.zeros((image.shape[0], *self.patch), np.float32)
+        lab = np.zeros(self.patch, np.uint8)
+        img[(slice(None), *dst)] = image[(slice(None), *src)]
+        lab[dst] = label[src]
+        del image, label            # unmap: only this patch was read
+        return img, lab
+
+    def __getitem__(self, key) -> dict:
+        i, seed = key
+        img, lab = self.read(i, seed)
+        d = {IMAGE: torch.from_numpy(img), LABEL: torch.from_numpy(lab[None].astype(np.float32))}
+        if self.augmentation is not None:
+            self.augmentation.set_random_state(seed=seed % 2**32)
+            track = get_track_meta()
+            set_track_meta(False)        # plain tensors: no metadata bookkeeping per sample
+            try:
+                d = self.augmentation(d)
+            finally:
+                set_track_meta(track)
+        lab_aug = np.rint(torch.as_tensor(d[LABEL]).numpy()[0]).astype(np.uint8)
+        regions = labels_to_regions(lab_aug, self.store.convention).astype(np.float32)
+        return {IMAGE: torch.as_tensor(d[IMAGE]).float().contiguous(), LABEL: torch.from_numpy(regions)}
+
+
+class VolumeDataset(Dataset):
+    """Whole preprocessed cases for validation: ``dataset[i]`` → {"image": (4, X, Y, Z)
+    float32, "label": (3, X, Y, Z) float32 TC/WT/ET}."""
+
+    def __init__(self, store: Store, case_ids: Sequence[str]):
+        self.store, self.case_ids = store, list(case_ids)
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        case_id = self.case_ids[i]
+        image = torch.from_numpy(np.asarray(self.store.image(case_id), dtype=np.float32))
+        regions = labels_to_regions(self.store.label(case_id, mmap=False), self.store.convention)
+        return {"id": case_id, IMAGE: image, LABEL: torch.from_numpy(regions.astype(np.float32))}
+
+
+class EpochSampler(Sampler):
+    """Yields this rank's ``(case index, seed)`` pairs of the current epoch: `count`
+    per rank, drawn by walking seeded permutations of the `n` cases (every case once
+    before any repeats), as the in-memory path's `_epoch_indices`. Call
+    `set_epoch` before each epoch (the loader's workers persist)."""
+
+    def __init__(self, n: int, count: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.count, self.seed, self.rank, self.world = n, count, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        total = self.count * self.world
+        seq = np.concatenate([rng.permutation(self.n) for _ in range(math.ceil(total / self.n))])[:total]
+        for pos in range(self.rank, total, self.world):
+            yield int(seq[pos]), sample_seed(self.seed, self.epoch, pos)
