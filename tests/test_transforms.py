@@ -127,3 +127,49 @@ def test_alignment_check_catches_a_half_voxel_label_shift():
     for mode, bad in (("nearest", True), ("nearest-exact", False)):
         z = Zoomd(["image", "label"], zoom=1.13, mode=("trilinear", mode), keep_size=True)(d)
         assert (_contradictions(z["image"], z["label"]) > 0) == bad, mode
+
+
+def test_patch_augmentation_keeps_pairs_aligned(one_thread):
+    """The preprocessed path's augmentation (one-resampling rotate+zoom, flips in one
+    copy, float32 gamma and noise) moves the label map with the image."""
+    from medseg.labels import labels_to_regions, regions_to_labels
+    from medseg.transforms import RandRotateZoomd, patch_augmentation
+    d = _blobs((32, 32, 32))
+    labels = regions_to_labels(d["label"].numpy() > 0.5, "brats2023")
+    sample = {"image": d["image"].as_tensor(), "label": torch.as_tensor(labels[None], dtype=torch.float32)}
+    aug = patch_augmentation(0.0)
+    spatial = next(t for t in aug.transforms if isinstance(t, RandRotateZoomd))
+    moved, peaks = 0, set()
+    for seed in range(40):
+        aug.set_random_state(seed)
+        s = aug(dict(sample))
+        moved += spatial.angles is not None or spatial.zoom is not None
+        lab = np.rint(s["label"].numpy()[0]).astype(np.uint8)
+        assert set(np.unique(lab)) <= {0, 1, 2, 3}
+        regions = labels_to_regions(lab, "brats2023")
+        peaks.add(round(float(s["image"].max())))
+        assert _contradictions(s["image"], regions) == 0, f"seed {seed}"
+        assert _contradictions(torch.roll(s["image"], 1, 2), regions) > 100
+    assert moved >= 8 and min(peaks) < 990 and max(peaks) > 1010, (moved, peaks)
+    assert torch.equal(sample["image"], d["image"].as_tensor())          # the input is never modified
+
+
+@pytest.mark.parametrize("shape", [(64, 40, 24), (32, 32, 32)])
+def test_rotation_is_rigid_on_non_cubic_patches(one_thread, shape):
+    """A sphere rotated in a non-cubic patch stays a sphere of the same radius (a
+    rotation applied in normalised coordinates would squash it)."""
+    from medseg.transforms import RandRotateZoomd
+    x, y, z = np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij")
+    sphere = torch.as_tensor((x ** 2 + y ** 2 + z ** 2 <= 10 ** 2)[None].astype(np.float32))
+    t = RandRotateZoomd(["label"], prob_rotate=1.0, max_angle=0.8, prob_zoom=0.0)
+    for seed in range(4):
+        t.set_random_state(seed)
+        out = t({"label": sphere})["label"][0].numpy() > 0.5
+        assert max(abs(a) for a in t.angles) > 0.3
+        extents = [np.ptp(np.nonzero(out.any(axis=tuple(j for j in range(3) if j != i)))[0]) + 1
+                   for i in range(3)]
+        assert all(abs(e - 21) <= 1 for e in extents), extents
+        assert abs(out.sum() - sphere.sum().item()) <= 0.03 * sphere.sum().item()
+    t = RandRotateZoomd(["label"], prob_rotate=0.0, prob_zoom=1.0, zoom_range=(1.2, 1.2))
+    out = t({"label": sphere})["label"][0].numpy() > 0.5
+    assert abs(np.ptp(np.nonzero(out.any(axis=(1, 2)))[0]) + 1 - 21 * 1.2) <= 1.5     # zoom > 1 enlarges

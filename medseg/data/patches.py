@@ -70,6 +70,8 @@ class PatchDataset(Dataset):
         self.p_pos = pos / (pos + neg) if pos + neg > 0 else 0.0
         self.augmentation = augmentation
         self._locations: dict[str, np.ndarray] = {}
+        # label value → its TC/WT/ET membership (labels_to_regions as a lookup table)
+        self._lut = torch.as_tensor(labels_to_regions(np.arange(256), store.convention).T, dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -113,9 +115,9 @@ class PatchDataset(Dataset):
                 d = self.augmentation(d)
             finally:
                 set_track_meta(track)
-        lab_aug = np.rint(torch.as_tensor(d[LABEL]).numpy()[0]).astype(np.uint8)
-        regions = labels_to_regions(lab_aug, self.store.convention).astype(np.float32)
-        return {IMAGE: torch.as_tensor(d[IMAGE]).float().contiguous(), LABEL: torch.from_numpy(regions)}
+        lab_aug = torch.as_tensor(d[LABEL])[0].round().to(torch.long)
+        regions = self._lut[lab_aug].permute(3, 0, 1, 2).contiguous()
+        return {IMAGE: torch.as_tensor(d[IMAGE]).float().contiguous(), LABEL: regions}
 
 
 class VolumeDataset(Dataset):
