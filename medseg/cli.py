@@ -165,7 +165,8 @@ def _cmd_cv(a) -> int:
 
 
 def _cmd_predict(a) -> int:
-    from medseg.data.inputs import cases_from_input, single_case
+    from medseg.data.inputs import cases_from_input, parse_shard, shard_cases, single_case
+    shard = parse_shard(a.shard)
     files = {k: getattr(a, k) for k in ("t1", "t1ce", "t2", "flair", "t1n", "t1c", "t2w", "t2f")}
     if a.input and any(files.values()):
         raise MedsegError("give either --input (a folder or datalist) or the four files "
@@ -176,22 +177,32 @@ def _cmd_predict(a) -> int:
         cases, root = [single_case(files, a.case_id)], None
     else:
         raise MedsegError("nothing to predict: pass --input DIR|DATALIST or --t1 --t1ce --t2 --flair")
+    if shard:
+        n_all = len(cases)
+        cases = shard_cases(cases, shard)
+        _say(f"shard {shard[0]}/{shard[1]}: {len(cases)} of {n_all} cases")
+    if a.review_threshold is not None and not a.uncertainty:
+        raise MedsegError("--review-threshold flags cases by their uncertainty score: add --uncertainty")
     if a.engine == "onnx":
         from medseg.edge import edge_predict_all
         if len(a.model) != 1 or not str(a.model[0]).endswith(".onnx"):
             raise MedsegError("--engine onnx takes one .onnx file as --model (see `medseg export`)")
         edge_predict_all(a.model[0], cases, a.out, root, a.convention, a.overwrite, print_fn=_say,
                          min_component_ml=a.min_component_ml, et_min_ml=a.et_min_ml,
-                         viewer_files=a.viewer_files)
+                         viewer_files=a.viewer_files, mirror=a.tta, uncertainty=a.uncertainty,
+                         review_threshold=a.review_threshold, shard=shard)
         return 0
     from medseg.infer import Predictor
-    from medseg.predict import default_postprocessing, predict_all, resolve_checkpoints
+    from medseg.predict import default_postprocessing, predict_all, resolve_checkpoints, review_threshold
     et_min = a.et_min_ml if a.et_min_ml is not None else default_postprocessing(a.model).get("et_min_ml", 0.0)
     predictor = Predictor(resolve_checkpoints(a.model), device=a.device, overlap=a.overlap,
                           sw_batch_size=a.sw_batch_size, amp=False if a.no_amp else None,
-                          mirror=a.tta, min_component_ml=a.min_component_ml or 0.0, et_min_ml=et_min)
+                          mirror=a.tta or a.uncertainty, min_component_ml=a.min_component_ml or 0.0,
+                          et_min_ml=et_min)
+    review = review_threshold(a.model, a.review_threshold, predictor.members(), _say) if a.uncertainty else None
     predict_all(predictor, cases, a.out, root, a.convention, a.overwrite, a.probabilities, print_fn=_say,
-                viewer_files=a.viewer_files)
+                viewer_files=a.viewer_files, uncertainty=a.uncertainty, review_threshold=review,
+                shard=shard)
     return 0
 
 
@@ -298,6 +309,8 @@ _ABOUT = {
                 "--t2 a_t2.nii.gz --flair a_flair.nii.gz --out masks/\n"
                 "  medseg predict --engine onnx --model model.onnx --input /data/new_cases --out masks/\n"
                 "  medseg predict ... --viewer-files   # + <case>.seg.nrrd (3D Slicer), <case>.itksnap.txt\n"
+                "  medseg predict ... --uncertainty    # + <case>_uncertainty.nii.gz; scores, review flags "
+                "in predictions.json\n"
                 "every run also writes OUT/volumes.csv (mL per label and region, lesion counts, "
                 "largest lesion's size in mm) and records it per case in OUT/predictions.json;\n"
                 "an interrupted batch continues when run again with the same settings"),
@@ -427,9 +440,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write beside each mask <case_id>.seg.nrrd (3D Slicer segmentation) and "
                     "<case_id>.itksnap.txt (ITK-SNAP label descriptions): label names and the "
                     "report's colours")
+    pr.add_argument("--uncertainty", action="store_true",
+                    help="also write beside each mask <case_id>_uncertainty.nii.gz: per-voxel uncertainty "
+                    "of TC/WT/ET (X, Y, Z, 3 float32; entropy in bits of the mean of the members, every "
+                    "model × 8 mirror flips, so it turns on --tta), and per case and lesion scores and a "
+                    "review flag in predictions.json (README: Uncertainty)")
+    pr.add_argument("--review-threshold", type=float,
+                    help="with --uncertainty: flag a case for review when its score is at least this "
+                    "(default: the threshold chosen on cross-validation, uncertainty.json of the cv "
+                    "folder or the ONNX metadata; none: no flags)")
     pr.add_argument("--engine", choices=["torch", "onnx"], default="torch",
                     help="onnx: run an exported .onnx with onnxruntime only (no torch, no MONAI)")
     pr.add_argument("--overwrite", action="store_true", help="replace existing masks in --out")
+    pr.add_argument("--shard", metavar="K/N",
+                    help="predict only shard K of N of the batch (cases in id order, every N-th from "
+                         "the K-th): N jobs with the same --out split a large batch, each resumable; "
+                         "a final run without --shard writes predictions.json and volumes.csv")
     pr.set_defaults(func=_cmd_predict)
 
     ev = sub.add_parser("evaluate", help="Dice, HD95, … per case and region against references")

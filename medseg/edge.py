@@ -27,12 +27,13 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from medseg.data.inputs import InputCase, case_headers, check_modalities, output_convention, run_batch
+from medseg.data.inputs import (InputCase, case_headers, check_modalities, dicom_seg_path,
+                                output_convention, run_batch, with_dicom)
 from medseg.data.io import load_array, load_header, write_label_map, write_region_maps
 from medseg.errors import DataError, MedsegError
 from medseg.labels import CHANNELS, regions_to_labels
 from medseg.postprocess import describe_postprocessing, postprocess
-from medseg.uncertainty import STATISTIC, MemberStats, uncertainty_record
+from medseg.uncertainty import SCORE, STATISTIC, MemberStats, uncertainty_record
 from medseg.viewer import viewer_paths, write_viewer_files
 from medseg.volumetry import VOLUMES_CSV, case_volumetry, write_batch_volumes
 
@@ -304,23 +305,43 @@ class EdgePredictor:
         return labels, uncertainty_record(maps[STATISTIC], regions, probs, voxel_ml, review_threshold,
                                           STATISTIC, self.members())
 
-    def review_threshold(self) -> dict | None:
-        """The review calibration recorded at export (a cv folder's ``uncertainty.json``), or None."""
-        return self.meta.get("uncertainty")
+    def review_calibration(self) -> dict | None:
+        """The review calibration recorded at export (the cv folder's ``uncertainty.json``),
+        or None; an error when it was chosen for another map or score than this runtime's."""
+        cal = self.meta.get("uncertainty")
+        if cal and (cal.get("statistic") != STATISTIC or not str(cal.get("case_score", "")).startswith(SCORE)):
+            raise MedsegError(f"the model's review threshold was chosen for the {cal.get('statistic')!r} map "
+                              f"and the {cal.get('case_score')!r} score, this runtime scores {STATISTIC!r} and "
+                              f"{SCORE!r}: pass --review-threshold, or re-export from a re-calibrated cv folder")
+        return cal
 
 
 def edge_predict_all(model: str | Path, cases: Sequence[InputCase], out_dir: str | Path,
                      input_root: Path | None, convention: str | None = None, overwrite: bool = False,
                      print_fn=print, min_component_ml: float | None = None,
-                     et_min_ml: float | None = None, viewer_files: bool = False) -> list[Path]:
+                     et_min_ml: float | None = None, viewer_files: bool = False, mirror: bool = False,
+                     uncertainty: bool = False, review_threshold: float | None = None,
+                     shard: tuple[int, int] | None = None) -> list[Path]:
     """`medseg predict --engine onnx`: every case → ``out_dir/<case_id>.nii.gz`` in the
     input's label convention (or `convention`); post-processing from the metadata
     unless given. The batch rules are `medseg.data.inputs.run_batch`'s; the
-    volumetry and `viewer_files` outputs are `medseg.predict.predict_all`'s."""
+    volumetry, `viewer_files` and `uncertainty` outputs are `medseg.predict.predict_all`'s
+    (`uncertainty` implies `mirror`; the review threshold, unless given, is the one
+    recorded at export)."""
     out_dir = Path(out_dir)
-    targets = [[out_dir / f"{c.case_id}.nii.gz"] + (viewer_paths(out_dir, c.case_id) if viewer_files else [])
+    targets = [[out_dir / f"{c.case_id}.nii.gz"]
+               + ([out_dir / f"{c.case_id}_uncertainty.nii.gz"] if uncertainty else [])
+               + dicom_seg_path(out_dir, c)
+               + (viewer_paths(out_dir, c.case_id) if viewer_files else [])
                for c in cases]
-    pred = EdgePredictor(model, min_component_ml=min_component_ml, et_min_ml=et_min_ml)
+    pred = EdgePredictor(model, min_component_ml=min_component_ml, et_min_ml=et_min_ml,
+                         mirror=mirror or uncertainty)
+    if uncertainty and review_threshold is None:
+        cal = pred.review_calibration()
+        review_threshold = None if cal is None else float(cal["threshold"])
+        print_fn(f"review threshold {review_threshold:.4g} from the model's metadata ({cal.get('chosen_on', '')})"
+                 if cal else "no review threshold in the model's metadata: cases are scored but none is "
+                 "flagged (pass --review-threshold)")
     check_modalities(cases, pred.meta, str(model))
     conv, why = output_convention(cases, convention, pred.meta["label_convention"])
     print_fn(f"labels: {conv} (from {why})")
@@ -328,20 +349,37 @@ def edge_predict_all(model: str | Path, cases: Sequence[InputCase], out_dir: str
     run = {"label_convention": conv, "convention_source": why, "engine": "onnx",
            "model": [str(model)], "model_label_convention": pred.meta["label_convention"],
            "postprocessing": post, "min_component_ml": pred.min_component_ml,
-           "et_min_ml": pred.et_min_ml}
+           "et_min_ml": pred.et_min_ml, "mirror_tta": pred.mirror,
+           "uncertainty": STATISTIC if uncertainty else None, "review_threshold": review_threshold}
 
     def one(case: InputCase, outs: list[Path]) -> dict:
-        labels = pred.predict(case.images, outs[0], conv, case.channels)
+        extra = {}
+        if uncertainty:
+            labels, extra["uncertainty"] = pred.predict_uncertainty(
+                case.images, outs[0], out_dir / f"{case.case_id}_uncertainty.nii.gz", conv, case.channels,
+                review_threshold)
+            if extra["uncertainty"]["review"]:
+                print_fn(f"{case.case_id}: review (uncertainty {extra['uncertainty']['case_score']:.4g} "
+                         f">= {review_threshold:.4g})")
+        else:
+            labels = pred.predict(case.images, outs[0], conv, case.channels)
         affine = load_header(outs[0]).affine        # the grid as viewers read the mask
         if viewer_files:
             write_viewer_files(labels, affine, conv, outs[-2:])
-        return {"volumes": case_volumetry(labels, affine, conv, str(outs[0]))}
+        return {"volumes": case_volumetry(labels, affine, conv, str(outs[0])), **extra}
 
-    res = run_batch(cases, out_dir, input_root, targets, overwrite, run, one, print_fn)
-    write_batch_volumes(out_dir, [(c.case_id, t[0]) for c, t in zip(cases, targets)], conv)
+    described = f"{pred.meta['network']['name']}, {Path(model).name}"
+    res = run_batch(cases, out_dir, input_root, targets, overwrite, run,
+                    with_dicom(one, out_dir, conv, described, "onnx"), print_fn, shard=shard)
+    if shard is None:       # a shard's volumes: in its manifest; the gathering run writes the CSV
+        write_batch_volumes(out_dir, [(c.case_id, t[0]) for c, t in zip(cases, targets)], conv)
     skipped = f" ({res['skipped']} already there)" if res["skipped"] else ""
+    tta = f", mirror TTA ({pred.members()} members)" if pred.mirror else ""
     print_fn(f"{res['predicted']} masks in {res['seconds']:.1f} s{skipped} with onnxruntime "
-             f"({', '.join(pred.session.get_providers())}); labels {conv}; post-processing: {post}")
+             f"({', '.join(pred.session.get_providers())}){tta}; labels {conv}; post-processing: {post}")
+    if uncertainty:
+        print_fn(f"uncertainty ({STATISTIC}): <case>_uncertainty.nii.gz; scores and review flags in "
+                 "predictions.json")
     print_fn(f"volumes: {out_dir / VOLUMES_CSV}" + ("; viewer files: <case>.seg.nrrd (3D Slicer), "
                                                     "<case>.itksnap.txt (ITK-SNAP)" if viewer_files else ""))
     return [t[0] for t in targets]

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Callable, Sequence
 
-from medseg.data.inputs import InputCase, cases_from_input, check_modalities, output_convention, run_batch
+from medseg.data.inputs import (InputCase, cases_from_input, check_modalities, dicom_seg_path,
+                                output_convention, run_batch, with_dicom)
 from medseg.data.io import load_header
 from medseg.errors import MedsegError
 from medseg.infer import Predictor, predict_case, predict_case_uncertainty
@@ -60,7 +61,8 @@ def review_calibration(model: Sequence[str | Path]) -> tuple[dict, Path] | None:
     if len(model) != 1:
         return None
     p = Path(model[0])
-    folders = [p, p.parent] if p.is_dir() else list(p.parents)[1:3]
+    p = p if p.is_dir() else p.parent.parent          # fold_k/checkpoints/final.pt → fold_k
+    folders = [p, p.parent] if (p / "checkpoints").is_dir() else [p]   # a fold: its cv folder too
     path = next((f / CALIBRATION for f in folders if (f / CALIBRATION).is_file()), None)
     if path is None:
         return None
@@ -105,7 +107,7 @@ def predict_all(predictor: Predictor, cases: list[InputCase], out_dir: str | Pat
                 input_root: Path | None, convention: str | None = None, overwrite: bool = False,
                 probabilities: bool = False, print_fn: Callable[[str], None] = print,
                 viewer_files: bool = False, uncertainty: bool = False,
-                review_threshold: float | None = None) -> list[Path]:
+                review_threshold: float | None = None, shard: tuple[int, int] | None = None) -> list[Path]:
     """Predict every case into ``out_dir/<case_id>.nii.gz`` (`medseg.data.inputs.run_batch`:
     inputs checked first, an interrupted batch continued), its volumetry into its
     ``predictions.json`` record and ``volumes.csv``, and with `viewer_files` the
@@ -116,6 +118,7 @@ def predict_all(predictor: Predictor, cases: list[InputCase], out_dir: str | Pat
     targets = [[out_dir / f"{c.case_id}.nii.gz"]
                + ([out_dir / "probabilities" / f"{c.case_id}.nii.gz"] if probabilities else [])
                + ([out_dir / f"{c.case_id}_uncertainty.nii.gz"] if uncertainty else [])
+               + dicom_seg_path(out_dir, c)
                + (viewer_paths(out_dir, c.case_id) if viewer_files else [])
                for c in cases]
     check_modalities(cases, predictor.meta, ", ".join(predictor.checkpoints))
@@ -145,8 +148,11 @@ def predict_all(predictor: Predictor, cases: list[InputCase], out_dir: str | Pat
             write_viewer_files(labels, affine, conv, outs[-2:])
         return {"volumes": case_volumetry(labels, affine, conv, str(outs[0])), **extra}
 
-    res = run_batch(cases, out_dir, input_root, targets, overwrite, run, one, print_fn)
-    write_batch_volumes(out_dir, [(c.case_id, t[0]) for c, t in zip(cases, targets)], conv)
+    described = f"{predictor.meta['network']['name']}, {len(predictor.checkpoints)} checkpoint(s)"
+    res = run_batch(cases, out_dir, input_root, targets, overwrite, run,
+                    with_dicom(one, out_dir, conv, described, "torch"), print_fn, shard=shard)
+    if shard is None:       # a shard's volumes: in its manifest; the gathering run writes the CSV
+        write_batch_volumes(out_dir, [(c.case_id, t[0]) for c, t in zip(cases, targets)], conv)
     skipped = f" ({res['skipped']} already there)" if res["skipped"] else ""
     if uncertainty:
         print_fn(f"uncertainty ({STATISTIC}, {predictor.members()} members): <case>_uncertainty.nii.gz; "

@@ -10,10 +10,9 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -27,8 +26,8 @@ if TYPE_CHECKING:
     from medseg.data.dicom import DicomCase
 
 __all__ = ["InputCase", "cases_from_input", "single_case", "check_modalities", "output_convention", "write_manifest",
-           "read_manifest",
-           "case_headers", "check_inputs", "run_batch", "MANIFEST", "case_files", "dicom_seg_path"]
+           "read_manifest", "parse_shard", "shard_cases", "SHARD_MANIFEST",
+           "case_headers", "check_inputs", "run_batch", "MANIFEST", "dicom_seg_path", "with_dicom"]
 
 
 @dataclass
@@ -49,21 +48,32 @@ class InputCase:
         return [c for c in CHANNELS if c not in self.channels]
 
 
-@contextmanager
-def case_files(case: InputCase) -> Iterator[list[Path]]:
-    """The case's NIfTI files: its own, or for DICOM series a NIfTI copy of each in a
-    temporary folder, removed afterwards (so both engines read DICOM as NIfTI)."""
-    if case.dicom is None:
-        yield list(case.images)
-        return
-    with tempfile.TemporaryDirectory(prefix="medseg-dicom-") as tmp:
-        yield case.dicom.to_nifti(Path(tmp))
-
-
 def dicom_seg_path(out_dir: Path, case: InputCase) -> list[Path]:
     """``[out_dir/<case id>_seg.dcm]``, the DICOM Segmentation of a case read from
     DICOM series; ``[]`` for NIfTI input."""
     return [Path(out_dir) / f"{case.case_id}_seg.dcm"] if case.dicom is not None else []
+
+
+def with_dicom(predict_one: Callable[[InputCase, Sequence[Path]], dict | None], out_dir: Path,
+               convention: str, model: str, engine: str) -> Callable[[InputCase, Sequence[Path]], dict | None]:
+    """`predict_one` (a `run_batch` step whose first output is the NIfTI mask) made to
+    take DICOM cases too: their series are copied to NIfTI in a temporary folder
+    (removed afterwards) and predicted as NIfTI, then the mask, on the reference
+    series' grid, is also written as the DICOM Segmentation `dicom_seg_path`
+    (`medseg.data.dicom.write_seg`: `model`, `engine`, `convention` recorded);
+    the case's record says which series it references."""
+    def one(case: InputCase, outs: Sequence[Path]) -> dict | None:
+        if case.dicom is None:
+            return predict_one(case, outs)
+        from medseg.data.dicom import write_seg
+        with tempfile.TemporaryDirectory(prefix="medseg-dicom-") as tmp:
+            record = predict_one(replace(case, images=case.dicom.to_nifti(Path(tmp))), outs)
+        seg = dicom_seg_path(out_dir, case)[0]
+        write_seg(load_array(outs[0], dtype=np.uint8), case.dicom, convention, seg, model, engine)
+        ref = case.dicom.reference
+        return {**(record or {}), "dicom_seg": {"file": seg.name, "references": str(ref.folder),
+                                               "series_instance_uid": ref.uid}}
+    return one
 
 
 def cases_from_input(path: str | Path, data_root: str | Path | None = None) -> tuple[list[InputCase], Path]:
@@ -185,13 +195,14 @@ def output_convention(cases: Sequence[InputCase], override: str | None,
 
 def write_manifest(out_dir: Path, masks: Sequence[Path], status: str, run: dict,
                    missing: dict[str, list[str]] | None = None,
-                   cases: dict[str, dict] | None = None) -> Path:
+                   cases: dict[str, dict] | None = None, name: str | None = None) -> Path:
     """``out_dir/predictions.json``, written atomically: the run's settings `run`
     (label convention and why, model, engine, post-processing …), the label values
     of its convention, its status ("running" or "complete"), its masks, the
     modalities each case was predicted without and, in ``cases``, what each
-    case's prediction reported beside its mask ({case id: {name: value}})."""
-    out = Path(out_dir) / MANIFEST
+    case's prediction reported beside its mask ({case id: {name: value}}). A shard
+    of a batch writes its own file (`name`, see `shard_cases`)."""
+    out = Path(out_dir) / (name or MANIFEST)
     write_json({"status": status, "label_convention": run["label_convention"],
                 "labels": get_convention(run["label_convention"]).to_dict(), "run": run,
                 "masks": [Path(t).name for t in masks], "missing_modalities": missing or {},
@@ -199,13 +210,58 @@ def write_manifest(out_dir: Path, masks: Sequence[Path], status: str, run: dict,
     return out
 
 
-def read_manifest(out_dir: Path) -> dict:
-    """The ``predictions.json`` of `out_dir`, or {} when there is none (or it is unreadable)."""
+def _read_json(path: Path) -> dict:
     try:
-        old = json.loads((Path(out_dir) / MANIFEST).read_text())
+        old = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return old if isinstance(old, dict) else {}
+
+
+def read_manifest(out_dir: Path) -> dict:
+    """The ``predictions.json`` of `out_dir` merged with the manifests of the shards
+    that predicted into it (``predictions.shard-K-of-N.json``: their masks, cases and
+    missing modalities); {} when there is none (or it is unreadable)."""
+    out_dir = Path(out_dir)
+    merged = _read_json(out_dir / MANIFEST)
+    for part in sorted(out_dir.glob(SHARD_MANIFEST.format(k="*", n="*"))):
+        m = _read_json(part)
+        if not m:
+            continue
+        if not merged:
+            merged = {**m, "masks": [], "cases": {}, "missing_modalities": {}}
+        merged["masks"] = sorted(set(merged.get("masks", [])) | set(m.get("masks", [])))
+        merged["cases"] = {**m.get("cases", {}), **merged.get("cases", {})}
+        merged["missing_modalities"] = {**m.get("missing_modalities", {}), **merged.get("missing_modalities", {})}
+    return merged
+
+
+#: The manifest a shard of a batch writes (`medseg predict --shard K/N`).
+SHARD_MANIFEST = "predictions.shard-{k}-of-{n}.json"
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"K/N"`` (1 ≤ K ≤ N) → (K, N); None → None; anything else is a clear error."""
+    if text is None:
+        return None
+    try:
+        k, n = (int(v) for v in str(text).split("/"))
+    except ValueError:
+        k, n = 0, 0
+    if not 1 <= k <= n:
+        raise MedsegError(f"--shard {text}: expected K/N with 1 <= K <= N, e.g. --shard 3/8 "
+                          "(in a Slurm array: --shard $SLURM_ARRAY_TASK_ID/8 with --array=1-8)")
+    return k, n
+
+
+def shard_cases(cases: Sequence[InputCase], shard: tuple[int, int] | None) -> list[InputCase]:
+    """Shard K of N of a batch: the cases at positions K-1, K-1+N, … of the batch in
+    case-id order, so the N shards partition it exactly whatever order the input
+    listed them in."""
+    if shard is None:
+        return list(cases)
+    k, n = shard
+    return sorted(cases, key=lambda c: c.case_id)[k - 1::n]
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -261,15 +317,17 @@ def check_inputs(cases: Sequence[InputCase], jobs: int | None = None) -> None:
 def run_batch(cases: Sequence[InputCase], out_dir: Path, input_root: Path | None,
               targets: Sequence[Sequence[Path]], overwrite: bool, run: dict,
               predict_one: Callable[[InputCase, Sequence[Path]], dict | None],
-              print_fn: Callable[[str], None] = print) -> dict:
+              print_fn: Callable[[str], None] = print, shard: tuple[int, int] | None = None) -> dict:
     """The batch loop of both engines. Every input is checked before anything is
     written; ``predictions.json`` (the run's settings `run` and its status) is
     written first, so an interrupted batch can be continued: a re-run with the
     same settings skips the cases whose outputs exist (each written atomically,
     so complete) and predicts the rest. `targets[i]` are case i's outputs, the
     mask first. What `predict_one` returns (a dict, or None) is case i's record
-    in the manifest's ``cases``, kept for skipped cases. Returns {"predicted": n,
-    "skipped": n, "seconds": s}."""
+    in the manifest's ``cases``, kept for skipped cases. With `shard` (K, N) the
+    cases are shard K's (`shard_cases`) and its manifest is its own file; a later
+    run without --shard finds every mask there and writes ``predictions.json``
+    for the whole batch. Returns {"predicted": n, "skipped": n, "seconds": s}."""
     out_dir = Path(out_dir)
     _check_not_inside(out_dir, cases, input_root)
     done = _finished(out_dir, targets, overwrite, run)
@@ -285,18 +343,20 @@ def run_batch(cases: Sequence[InputCase], out_dir: Path, input_root: Path | None
     missing = {c.case_id: c.missing for c in cases if c.missing}
     old = read_manifest(out_dir).get("cases", {}) if done else {}
     records = {cases[i].case_id: old[cases[i].case_id] for i in sorted(done) if cases[i].case_id in old}
-    write_manifest(out_dir, masks, status="running", run=run, missing=missing, cases=records)
+    name = SHARD_MANIFEST.format(k=shard[0], n=shard[1]) if shard else None
+    write_manifest(out_dir, masks, status="running", run=run, missing=missing, cases=records, name=name)
     t0 = time.perf_counter()
     for n, i in enumerate(todo, 1):
         t = time.perf_counter()
         record = predict_one(cases[i], targets[i])
         if isinstance(record, dict) and record:
             records[cases[i].case_id] = record
-            write_manifest(out_dir, masks, status="running", run=run, missing=missing, cases=records)
+            write_manifest(out_dir, masks, status="running", run=run, missing=missing, cases=records,
+                           name=name)
         without = f"; without {', '.join(cases[i].missing)}" if cases[i].missing else ""
         print_fn(f"[{n}/{len(todo)}] {cases[i].case_id} → {masks[i]} ({time.perf_counter() - t:.1f} s{without})")
     seconds = time.perf_counter() - t0
-    write_manifest(out_dir, masks, status="complete", run=run, missing=missing, cases=records)
+    write_manifest(out_dir, masks, status="complete", run=run, missing=missing, cases=records, name=name)
     return {"predicted": len(todo), "skipped": len(done), "seconds": seconds}
 
 
