@@ -36,7 +36,7 @@ from medseg.postprocess import postprocess
 from medseg.transforms import IMAGE, preprocessing
 from medseg.uncertainty import STATISTIC, MemberStats, uncertainty_record
 
-__all__ = ["autocast", "predict_probs", "load_model", "Predictor",
+__all__ = ["autocast", "predict_probs", "volume_device", "load_model", "Predictor",
            "predict_case", "predict_case_uncertainty", "write_mask"]
 
 
@@ -58,6 +58,20 @@ def _flips(mirror: bool) -> list[tuple[int, ...]]:
     return [tuple(c) for n in range(4) for c in itertools.combinations((2, 3, 4), n)]
 
 
+def volume_device(device: torch.device, shape: Sequence[int], with_stats: bool = False,
+                  free_bytes: int | None = None) -> torch.device:
+    """Where a whole volume's tensors go during sliding-window inference: `device`
+    itself unless it is a GPU whose free memory (`free_bytes`, default: measured)
+    cannot hold them with room to spare for the windows; then the host."""
+    if device.type != "cuda":
+        return device
+    # input 4 + output/blend 3 + MONAI's count map and a flipped copy 4 (+ 6 for member stats), float32
+    need = int(np.prod(shape)) * 4 * (11 + (6 if with_stats else 0))
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    return device if need < free_bytes // 2 else torch.device("cpu")
+
+
 @torch.no_grad()
 def predict_probs(models: Sequence[nn.Module], image: torch.Tensor, roi: Sequence[int],
                   overlap: float = 0.5, sw_batch_size: int = 1, amp: bool = True,
@@ -68,10 +82,15 @@ def predict_probs(models: Sequence[nn.Module], image: torch.Tensor, roi: Sequenc
     `stats`, every member (model × flip, `(1, 3, X, Y, Z)` on `device`) is added to it
     instead of to a plain sum (same mean, bit for bit)."""
     device = torch.device(device)
+    vol_device = volume_device(device, tuple(image.shape[1:]), with_stats=stats is not None)
+    # Windows run on `device`; the volume, the blending buffers and the output stay on
+    # `vol_device` (the GPU when they fit in its free memory, else the host: MONAI's
+    # sw_device/device split, so a large volume never runs a GPU out of memory).
     inferer = SlidingWindowInferer(roi_size=tuple(roi), sw_batch_size=sw_batch_size,
-                                   overlap=overlap, mode="gaussian", sigma_scale=0.125)
-    x = torch.as_tensor(image, dtype=torch.float32).unsqueeze(0).to(device)
-    acc = torch.zeros((1, 3, *x.shape[2:]), dtype=torch.float32, device=device) if stats is None else None
+                                   overlap=overlap, mode="gaussian", sigma_scale=0.125,
+                                   sw_device=device, device=vol_device)
+    x = torch.as_tensor(image, dtype=torch.float32).unsqueeze(0).to(vol_device)
+    acc = torch.zeros((1, 3, *x.shape[2:]), dtype=torch.float32, device=vol_device) if stats is None else None
     n = 0
     for model in models:
         model.eval()

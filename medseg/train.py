@@ -263,7 +263,9 @@ def _environment() -> dict:
 
 
 # ----------------------------------------------------------------------------- logging
-_CSV_FIELDS = (["epoch", "train_loss", "lr", "seconds"]
+#: data_wait: the fraction of the epoch's training loop spent waiting for batches
+#: (the loader too slow for the device); gpu_mem_gb: peak GPU memory allocated.
+_CSV_FIELDS = (["epoch", "train_loss", "lr", "seconds", "data_wait", "gpu_mem_gb"]
                + [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}" for r in REGIONS] + ["dice_mean"])
 
 
@@ -422,15 +424,19 @@ def _check_patch(cfg: dict) -> None:
 
 
 def _train_epoch(model, loader, loss_fn, opt, sched, cfg, device, deep_sup, bar,
-                 scaler: torch.amp.GradScaler | None = None) -> float:
-    """One epoch; returns the mean loss. The loss stays on the device: the host
+                 scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
+    """One epoch; returns the mean loss and the fraction of the time spent waiting
+    for batches. The loss stays on the device: the host
     waits for it once, at the end (a progress bar on a terminal reads it per step)."""
     model.train()
     tcfg = cfg["train"]
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     total, n = torch.zeros((), device=device), 0
     cuda = device.type == "cuda"
+    wait, t_start = 0.0, time.perf_counter()
+    t_ask = t_start
     for batch in loader:
+        wait += time.perf_counter() - t_ask          # the step waited this long for its batch
         x = torch.as_tensor(batch[IMAGE]).to(device, non_blocking=cuda)
         y = torch.as_tensor(batch[LABEL]).to(device, non_blocking=cuda)
         if tcfg["channels_last"]:
@@ -453,12 +459,13 @@ def _train_epoch(model, loader, loss_fn, opt, sched, cfg, device, deep_sup, bar,
         if bar is not None:
             bar.set_postfix(loss=f"{total.item() / n:.3f}")
             bar.update(1)
+        t_ask = time.perf_counter()
     mean = total.item() / max(1, n)
     if not math.isfinite(mean):
         raise MedsegError(f"training loss became {mean} (lr {sched.get_last_lr()[0]:.3g}); lower "
                           "train.lr or set train.amp=false, then resume from the last good checkpoint "
                           "or start again")
-    return mean
+    return mean, wait / max(1e-9, time.perf_counter() - t_start)
 
 
 def validate(model: nn.Module, val_ds, cfg: dict, device: torch.device, dd: "Dist | None" = None
@@ -620,14 +627,17 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
                                 num_workers=workers, generator=torch.Generator().manual_seed(es),
                                 persistent_workers=False)
         bar = _progress(len(loader), f"epoch {epoch + 1}/{tcfg['epochs']}", dd.main)
-        loss = _train_epoch(train_model, loader, loss_fn, opt, sched, run_cfg, dev, deep_sup, bar, scaler)
+        loss, data_wait = _train_epoch(train_model, loader, loss_fn, opt, sched, run_cfg, dev, deep_sup, bar, scaler)
         if bar is not None:
             bar.close()
         if dd.world > 1:
             t = torch.tensor([loss], device=dev)
             dist.all_reduce(t)
             loss = t.item() / dd.world
-        row = {"epoch": epoch + 1, "train_loss": loss, "lr": sched.get_last_lr()[0]}
+        row = {"epoch": epoch + 1, "train_loss": loss, "lr": sched.get_last_lr()[0],
+               "data_wait": data_wait}
+        if dev.type == "cuda":
+            row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
         is_val = len(val_ds) and ((epoch + 1) % tcfg["val_every"] == 0 or epoch + 1 == tcfg["epochs"])
         if is_val:
             row.update(validate(model, val_ds, run_cfg, dev, dd))

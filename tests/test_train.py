@@ -62,7 +62,7 @@ def test_same_seed_same_metrics_and_weights(split, tmp_path):
     dl, root = split()
     a = train_fold(tiny(), dl, root, 0, tmp_path / "a", print_fn=lambda s: None)
     b = train_fold(tiny(), dl, root, 0, tmp_path / "b", print_fn=lambda s: None)
-    assert a["final"] | {"seconds": 0} == b["final"] | {"seconds": 0}
+    assert a["final"] | {"seconds": 0, "data_wait": 0} == b["final"] | {"seconds": 0, "data_wait": 0}
     wa = torch.load(tmp_path / "a/checkpoints/final.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "b/checkpoints/final.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -98,7 +98,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(split, tmp_path):
                  *[f"--set={s}" for s in [*TINY_TRAIN, *extra]]]) == 0
     got = json.loads((out / "train_summary.json").read_text())
     assert got["epochs"] == ref["epochs"] == 4
-    assert got["final"] | {"seconds": 0} == ref["final"] | {"seconds": 0}
+    assert got["final"] | {"seconds": 0, "data_wait": 0} == ref["final"] | {"seconds": 0, "data_wait": 0}
     assert [r["train_loss"] for r in log_rows(out)] == [r["train_loss"] for r in log_rows(tmp_path / "ref")]
 
 
@@ -180,7 +180,7 @@ def test_disk_cache_is_keyed_and_reused(split, tmp_path):
     b = train_fold(tiny("data.cache=\"disk\""), dl, root, 0, tmp_path / "b", cache_dir=cache,
                    print_fn=lambda s: None)
     assert [f.stat().st_mtime_ns for f in sorted(cache.rglob("*.pt"))] == stamps
-    assert a["final"] | {"seconds": 0} == b["final"] | {"seconds": 0}
+    assert a["final"] | {"seconds": 0, "data_wait": 0} == b["final"] | {"seconds": 0, "data_wait": 0}
     # Another spacing is another cache key, never a stale hit.
     train_fold(tiny("data.cache=\"disk\"", "data.spacing=[5,5,5]"), dl, root, 0, tmp_path / "c",
                cache_dir=cache, print_fn=lambda s: None)
