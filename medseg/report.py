@@ -164,7 +164,7 @@ _CSS = ("body{font-family:system-ui,sans-serif;margin:20px;color:#222}"
         "table{border-collapse:collapse;font-size:13px;margin:12px 0}"
         "th,td{padding:3px 7px;text-align:right;border-bottom:1px solid #ddd}"
         "th{background:#f2f2f2;text-align:center;font-weight:600}"
-        "td:first-child,th:first-child{text-align:left}"
+        "td:first-child,th:first-child{text-align:left}td:first-child,tr.cols th{white-space:nowrap}"
         "tr.flagged td{background:#fde7e7}"
         ".flag{background:#c62828;color:#fff;font-weight:700;padding:1px 7px;border-radius:3px}"
         ".ok{color:#2e7d32}"
@@ -211,9 +211,10 @@ def _uncertainty_cells(u) -> tuple[str, bool]:
     title = f" title='review when the case score is ≥ {thr:.3f}'" if thr is not None else ""
     if u.get("review") is True:
         return cell + f"<td{title}><span class='flag'>REVIEW</span></td>", True
-    if u.get("review") is False:
+    if u.get("review") is False and thr is not None:
         return cell + f"<td{title}><span class='ok'>no</span></td>", False
-    return cell + "<td>–</td>", False
+    # Scored without a review threshold: nothing could be flagged.
+    return cell + "<td title='no review threshold'>–</td>", False
 
 
 def _row(e: dict, names: list[str], with_ref: bool) -> str:
@@ -247,9 +248,12 @@ def _write_html(table: list[dict], out: Path, conv: str, with_ref: bool, rules: 
     sub += "".join(f"<th>{r}</th>" for r in REGIONS) * (2 if with_ref else 0) + "<th>modalities</th>"
     flagged = sum(_uncertainty_cells(e["uncertainty"])[1] for e in table)
     scored = sum(isinstance(e["uncertainty"], dict) for e in table)
+    thresholds = sorted({f"{t:.3f}" for e in table if isinstance(e["uncertainty"], dict)
+                         for t in [_num(e["uncertainty"].get("threshold"))] if t is not None})
     review = (f"<b>{flagged} of {scored}</b> scored case(s) flagged for review (uncertainty case score ≥ "
-              "the threshold chosen on cross-validation)." if scored else
-              "No uncertainty in predictions.json: uncertainty and review show –.")
+              f"the threshold chosen on cross-validation: {', '.join(thresholds)})." if thresholds else
+              f"{scored} case(s) scored for uncertainty, without a review threshold: none flagged." if scored
+              else "No uncertainty in predictions.json: uncertainty and review show –.")
     figs = "".join(f"<h3 id='{html.escape(e['id'])}'>{html.escape(e['id'])}"
                    f"{' <span class=flag>REVIEW</span>' if _uncertainty_cells(e['uncertainty'])[1] else ''}"
                    f"</h3><img src='{html.escape(e['png'])}'>" for e in table)
@@ -262,7 +266,7 @@ def _write_html(table: list[dict], out: Path, conv: str, with_ref: bool, rules: 
             "modalities say which. Scoring rules "
             f"<b>{html.escape(rules)}</b>: {html.escape(get_rules(rules).description)}.</p>"
             f"{_legend_html(conv)}"
-            f"<table><tr>{top}</tr><tr>{sub}</tr>{''.join(_row(e, names, with_ref) for e in table)}"
+            f"<table><tr>{top}</tr><tr class=cols>{sub}</tr>{''.join(_row(e, names, with_ref) for e in table)}"
             f"</table>{figs}</body></html>")
     target = out / "index.html"
     with atomic_path(target) as tmp:

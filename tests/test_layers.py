@@ -10,6 +10,9 @@ LAYERS = {
     "__init__": 0, "labels": 0, "config": 0, "errors": 0,
     "data": 1, "transforms": 1, "models": 1, "losses": 1, "metrics": 1, "postprocess": 1,
     "scoring": 1,                   # rule sets as data; metrics interprets them without importing
+    "uncertainty": 1,               # member statistics and case scores, torch-free, both engines
+    # Per-case outputs beside a mask: read and write through data/, used by both engines.
+    "volumetry": 1.5, "viewer": 1.5,
     "infer": 2,
     "train": 3, "evaluate": 3, "predict": 3, "export": 3, "edge": 2,
     "report": 4,                    # uses evaluate
