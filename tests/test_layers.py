@@ -13,6 +13,8 @@ LAYERS = {
     "uncertainty": 1,               # member statistics and case scores, torch-free, both engines
     # Per-case outputs beside a mask: read and write through data/, used by both engines.
     "volumetry": 1.5, "viewer": 1.5,
+    # The preprocessed dataset and its patch loader run the MONAI transforms of transforms.py.
+    "data.preprocessed": 1.5, "data.patches": 1.5,
     "infer": 2,
     "train": 3, "evaluate": 3, "predict": 3, "export": 3, "edge": 2,
     "report": 4,                    # uses evaluate
