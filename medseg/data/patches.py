@@ -69,7 +69,6 @@ class PatchDataset(Dataset):
         self.patch = tuple(int(p) for p in patch)
         self.p_pos = pos / (pos + neg) if pos + neg > 0 else 0.0
         self.augmentation = augmentation
-        self._locations: dict[str, np.ndarray] = {}
         # label value → its TC/WT/ET membership (labels_to_regions as a lookup table)
         self._lut = torch.as_tensor(labels_to_regions(np.arange(256), store.convention).T, dtype=torch.float32)
 
@@ -77,10 +76,12 @@ class PatchDataset(Dataset):
         return len(self.case_ids)
 
     def _centre(self, case_id: str, shape, label, rng: np.random.Generator):
-        locs = self._locations.get(case_id)
-        if locs is None:
-            locs = self._locations[case_id] = self.store.locations(case_id)
-        if len(locs) and rng.random() < self.p_pos:
+        if rng.random() < self.p_pos:
+            # read per sample (a few hundred kB), not kept: memory must not grow with the cases
+            locs = self.store.locations(case_id)
+        else:
+            locs = np.zeros((0, 4), np.int16)
+        if len(locs):
             classes = np.unique(locs[:, 0])
             rows = locs[locs[:, 0] == classes[rng.integers(len(classes))]]
             return rows[rng.integers(len(rows)), 1:]
