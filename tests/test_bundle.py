@@ -292,7 +292,8 @@ def test_bundle_run_equals_cli_run(tiny, tmp_path):
     assert json.loads((bundle_fold / "config.json").read_text()) == json.loads((cli / "config.json").read_text())
     b_sum = json.loads((bundle_fold / "train_summary.json").read_text())
     c_sum = json.loads((cli_fold / "train_summary.json").read_text())
-    assert b_sum["final"] == {**c_sum["final"], "seconds": b_sum["final"]["seconds"]}
+    timing = {k: b_sum["final"][k] for k in ("seconds", "data_wait")}
+    assert b_sum["final"] == {**c_sum["final"], **timing}
     assert "dice_TC" in b_sum["final"]
     wb = torch.load(bundle_fold / "checkpoints" / "final.pt", weights_only=True)["model"]
     wc = torch.load(cli_fold / "checkpoints" / "final.pt", weights_only=True)["model"]
