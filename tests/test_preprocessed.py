@@ -256,7 +256,7 @@ def test_full_disk_is_a_clear_error_before_building(split, tmp_path, monkeypatch
     data, cases, _, _ = _cases(split)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(MedsegError, match="GB needed.*free"):
+    with pytest.raises(MedsegError, match="GB needed.*GB free"):
         ensure_store(cases, tmp_path / "pp", SPACING, data.channels, data.convention, jobs=1, print_fn=quiet)
     assert not [p for p in (tmp_path / "pp").rglob("entry.json")]
 

@@ -322,7 +322,7 @@ def ensure_store(cases: Sequence[dict], root: str | Path, spacing: Sequence[floa
         for cid, why in rebuilt[:5]:
             print_fn(f"preprocessed entry {store_dir / cid}: {why}; rebuilding it")
         if todo:
-            _check_space(store_dir, todo, len(mine))
+            _check_space(store_dir, todo, spacing)
             print_fn(f"preprocessing {len(todo)} of {len(mine)} case(s) into {store_dir} "
                      f"({n} process{'es' if n > 1 else ''})")
             done, total_bytes = 0, 0
@@ -388,21 +388,24 @@ def _bar(total: int):
     return tqdm(total=total, desc="preprocessing", unit="case", dynamic_ncols=True)
 
 
-def _check_space(store_dir: Path, todo: Sequence[dict], n_all: int) -> None:
-    """A clear error before starting when the disk evidently cannot hold the entries
-    (estimated from the source files: float16 + uint8 at most ≈ the uncompressed
-    source size)."""
+def _check_space(store_dir: Path, todo: Sequence[dict], spacing: Sequence[float]) -> None:
+    """A clear error before starting when the disk evidently cannot hold the entries.
+    The estimate reads each case's header: its field of view at the target spacing
+    × (4 float16 channels + a uint8 label), before the brain crop (which keeps
+    roughly a third to a half of it): an upper bound; half of it must be free."""
+    import nibabel as nib
+    need = 0
     try:
         free = shutil.disk_usage(store_dir).free
-        need = 0
         for c in todo:
-            for s in _sources(c):
-                need += s["size"] * (3 if str(s["path"]).endswith(".gz") else 1)
-    except OSError:
-        return
-    # A brain crop in float16 is well under the compressed-source x3 estimate; ask for half of it.
+            first = c["image"][0] if isinstance(c["image"], list) else c["image"]
+            h = nib.load(first).header
+            fov = np.array(h.get_data_shape()[:3]) * np.array(h.get_zooms()[:3])
+            need += int(np.prod(np.ceil(fov / np.asarray(spacing, float)))) * 9
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError):
+        return                   # unreadable files are reported, by name, when built
     if free < need // 2:
-        raise MedsegError(f"preprocessed dataset {store_dir}: about {need / 2e9:.1f} GB needed for "
+        raise MedsegError(f"preprocessed dataset {store_dir}: up to {need / 1e9:.1f} GB needed for "
                           f"{len(todo)} case(s), {free / 1e9:.1f} GB free; free space there or pass "
                           "another folder with --cache-dir")
 
