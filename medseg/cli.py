@@ -308,6 +308,10 @@ _ABOUT = {
                 "  medseg predict --model runs/exp/fold_0 --t1 a_t1.nii.gz --t1ce a_t1ce.nii.gz "
                 "--t2 a_t2.nii.gz --flair a_flair.nii.gz --out masks/\n"
                 "  medseg predict --engine onnx --model model.onnx --input /data/new_cases --out masks/\n"
+                "  medseg predict --model runs/exp --input /dicom/cases --out masks/   # CASE/{t1,t1ce,t2,flair}/ "
+                "DICOM series → + <case>_seg.dcm (DICOM Segmentation)\n"
+                "  medseg predict --model runs/exp --t1 dcm/t1 --t1ce dcm/t1ce --t2 dcm/t2 --flair dcm/flair "
+                "--out masks/\n"
                 "  medseg predict ... --viewer-files   # + <case>.seg.nrrd (3D Slicer), <case>.itksnap.txt\n"
                 "  medseg predict ... --uncertainty    # + <case>_uncertainty.nii.gz; scores, review flags "
                 "in predictions.json\n"
@@ -412,12 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="masks on each input's own grid from 1..K checkpoints")
     pr.add_argument("--model", nargs="+", required=True, metavar="RUN_OR_CHECKPOINT",
                     help="cv folder (fold ensemble), train folder, or .pt files")
-    pr.add_argument("--input", help="data folder (any supported layout) or datalist JSON")
+    pr.add_argument("--input", help="data folder (any supported layout), datalist JSON, or DICOM folder "
+                    "(a case with t1/ t1ce/ t2/ flair/ series folders, or a folder of such cases)")
     pr.add_argument("--data-root", help="with a datalist --input: the folder its paths are relative to")
     for ch, alias in (("t1", "t1n"), ("t1ce", "t1c"), ("t2", "t2w"), ("flair", "t2f")):
-        pr.add_argument(f"--{ch}", help=f"single case: the {ch.upper()} file")
+        pr.add_argument(f"--{ch}", help=f"single case: the {ch.upper()} file or DICOM series folder")
         pr.add_argument(f"--{alias}", help=argparse.SUPPRESS)
-    pr.add_argument("--case-id", help="single case: output name (default: from the T1 file name)")
+    pr.add_argument("--case-id", help="single case: output name (default: from the T1 file name; DICOM: "
+                    "the folder holding the series folders)")
     pr.add_argument("--out", required=True, help="output folder (never inside the input folder)")
     pr.add_argument("--convention", choices=["brats2021", "brats2023", "brats2024", "msd"],
                     help="label values of the masks (default: the input's own: detected from its "
