@@ -35,10 +35,13 @@ NAMES = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 SUBSETS = [s for n in range(len(CHANNELS), 0, -1) for s in itertools.combinations(CHANNELS, n)]
 
 
-def score(run: Path, datalist: str, data_root: str, subsets, max_cases: int = 0) -> dict:
-    """{subset name: {region: mean Dice}} over the out-of-fold cases of `run`."""
+def score(run: Path, datalist: str, data_root: str, subsets, max_cases: int = 0,
+          only_folds: list[int] | None = None) -> dict:
+    """{subset name: {region: mean Dice}} over the out-of-fold cases of `run` (of the
+    folds `only_folds`, default every trained fold)."""
     dice_by = {s: {r: [] for r in REGIONS} for s in subsets}
-    folds = sorted(run.glob("fold_*/checkpoints/final.pt"))
+    folds = [c for c in sorted(run.glob("fold_*/checkpoints/final.pt"))
+             if only_folds is None or int(c.parents[1].name.split("_")[1]) in only_folds]
     if not folds:
         sys.exit(f"{run}: no fold_*/checkpoints/final.pt; run `medseg cv` first")
     for ckpt in folds:
@@ -65,13 +68,17 @@ def main() -> None:
     ap.add_argument("--data-root", required=True)
     ap.add_argument("--baseline-subsets", choices=["full", "all"], default="full")
     ap.add_argument("--max-cases", type=int, default=0, help="per fold, for a quick look (0: all)")
+    ap.add_argument("--folds", type=int, nargs="+", help="score only these folds, in both runs "
+                    "(default: every fold the dropout run has trained)")
     ap.add_argument("--out", default="runs/missing_modality.json")
     a = ap.parse_args()
     t0 = time.perf_counter()
-    drop = score(Path(a.run), a.datalist, a.data_root, SUBSETS, a.max_cases)
+    folds = a.folds or sorted(int(c.parents[1].name.split("_")[1])
+                              for c in Path(a.run).glob("fold_*/checkpoints/final.pt"))
+    drop = score(Path(a.run), a.datalist, a.data_root, SUBSETS, a.max_cases, folds)
     t_drop = time.perf_counter() - t0
     base = score(Path(a.baseline), a.datalist, a.data_root,
-                 SUBSETS if a.baseline_subsets == "all" else SUBSETS[:1], a.max_cases)
+                 SUBSETS if a.baseline_subsets == "all" else SUBSETS[:1], a.max_cases, folds)
     cfg = json.loads((Path(a.run) / "config.json").read_text())
     rows = ["| inputs | " + " | ".join(f"{r} dropout" for r in REGIONS) + " | mean | "
             + " | ".join(f"{r} no dropout" for r in REGIONS) + " |",
@@ -85,14 +92,14 @@ def main() -> None:
     delta = np.mean([drop[full][r] for r in REGIONS]) - np.mean([base[full][r] for r in REGIONS])
     table = "\n".join(rows)
     print(table)
-    print(f"\n{drop['cases']} out-of-fold cases; modality dropout "
+    print(f"\n{drop['cases']} out-of-fold cases of folds {folds}; modality dropout "
           f"{cfg['train'].get('modality_dropout', 0.0)}; full inputs, mean Dice dropout − no dropout: "
           f"{delta:+.3f}; FLAIR alone WT {drop['FLAIR']['WT']:.3f}; T1ce alone ET {drop['T1ce']['ET']:.3f}; "
           f"{len(SUBSETS) * drop['cases']} predictions of the dropout model in {t_drop:.0f} s, "
           f"{time.perf_counter() - t0:.0f} s in all")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"dropout": drop, "baseline": base, "full_input_delta": delta,
+    out.write_text(json.dumps({"dropout": drop, "baseline": base, "full_input_delta": delta, "folds": folds,
                                "seconds": time.perf_counter() - t0}, indent=2) + "\n")
     out.with_suffix(".md").write_text(table + "\n")
 
