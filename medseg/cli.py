@@ -448,9 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "report's colours")
     pr.add_argument("--uncertainty", action="store_true",
                     help="also write beside each mask <case_id>_uncertainty.nii.gz: per-voxel uncertainty "
-                    "of TC/WT/ET (X, Y, Z, 3 float32; entropy in bits of the mean of the members, every "
-                    "model × 8 mirror flips, so it turns on --tta), and per case and lesion scores and a "
-                    "review flag in predictions.json (README: Uncertainty)")
+                    "of TC/WT/ET (X, Y, Z, 3 float32: standard deviation of the probabilities of the "
+                    "members, every model × 8 mirror flips, so it turns on --tta), and per case and lesion "
+                    "scores and a review flag in predictions.json (README: Uncertainty)")
     pr.add_argument("--review-threshold", type=float,
                     help="with --uncertainty: flag a case for review when its score is at least this "
                     "(default: the threshold chosen on cross-validation, uncertainty.json of the cv "

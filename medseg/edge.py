@@ -33,7 +33,7 @@ from medseg.data.io import load_array, load_header, write_label_map, write_regio
 from medseg.errors import DataError, MedsegError
 from medseg.labels import CHANNELS, regions_to_labels
 from medseg.postprocess import describe_postprocessing, postprocess
-from medseg.uncertainty import SCORE, STATISTIC, MemberStats, uncertainty_record
+from medseg.uncertainty import CASE_SCORE, RANGE, STATISTIC, MemberStats, uncertainty_record
 from medseg.viewer import viewer_paths, write_viewer_files
 from medseg.volumetry import VOLUMES_CSV, case_volumetry, write_batch_volumes
 
@@ -301,7 +301,8 @@ class EdgePredictor:
         labels = regions_to_labels(regions, conv)
         source = f"medseg {self.meta.get('medseg_version', '')} onnx"
         write_label_map(labels, ref, Path(target), conv, source=source)
-        write_region_maps(maps[STATISTIC], ref, Path(uncertainty_target), f"{source} uncertainty {STATISTIC}")
+        write_region_maps(maps[STATISTIC], ref, Path(uncertainty_target), f"{source} uncertainty {STATISTIC}",
+                          cal=RANGE[STATISTIC])
         return labels, uncertainty_record(maps[STATISTIC], regions, probs, voxel_ml, review_threshold,
                                           STATISTIC, self.members())
 
@@ -309,10 +310,10 @@ class EdgePredictor:
         """The review calibration recorded at export (the cv folder's ``uncertainty.json``),
         or None; an error when it was chosen for another map or score than this runtime's."""
         cal = self.meta.get("uncertainty")
-        if cal and (cal.get("statistic") != STATISTIC or not str(cal.get("case_score", "")).startswith(SCORE)):
+        if cal and (cal.get("statistic") != STATISTIC or cal.get("case_score") != CASE_SCORE):
             raise MedsegError(f"the model's review threshold was chosen for the {cal.get('statistic')!r} map "
                               f"and the {cal.get('case_score')!r} score, this runtime scores {STATISTIC!r} and "
-                              f"{SCORE!r}: pass --review-threshold, or re-export from a re-calibrated cv folder")
+                              f"{CASE_SCORE!r}: pass --review-threshold, or re-export from a re-calibrated cv folder")
         return cal
 
 

@@ -162,7 +162,9 @@ def evaluate_folder(pred: str | Path, ref: str | Path, out: str | Path,
     if not pred.is_dir():
         raise MedsegError(f"--pred {pred}: not a folder")
     refs, conv = references(ref, convention)
-    preds = {nifti_stem(p): p for p in sorted(pred.iterdir()) if p.is_file() and is_nifti(p)}
+    # `predict --uncertainty` writes <case>_uncertainty.nii.gz beside each mask: not a mask.
+    preds = {nifti_stem(p): p for p in sorted(pred.iterdir())
+             if p.is_file() and is_nifti(p) and not nifti_stem(p).endswith("_uncertainty")}
     missing = sorted(set(refs) - set(preds))
     if missing:
         raise MedsegError(f"--pred {pred}: no prediction for {len(missing)} of {len(refs)} reference "

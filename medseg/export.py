@@ -14,7 +14,8 @@ axes are dynamic (multiples of the network's size divisor). The medseg
 metadata (JSON under the key ``medseg``) holds what a torch-free consumer
 needs: channels, normalisation, spacing, window size and overlap, threshold,
 label convention and region → label mapping, post-processing, medseg version
-and the cross-validation scores when exported from a cv folder.
+and, when exported from a cv folder, its cross-validation scores and the review
+threshold of `predict --uncertainty` (``uncertainty.json``).
 
 Verification at export: onnxruntime and PyTorch run the same synthetic brain
 patch; the maximum absolute probability difference and the mask Dice per region
@@ -41,6 +42,7 @@ from medseg.infer import load_model
 from medseg.labels import CHANNELS, REGIONS, get_convention
 from medseg.metrics import dice
 from medseg.models import size_divisor
+from medseg.uncertainty import CALIBRATION
 
 __all__ = ["LogitStack", "export_onnx", "verification_patch", "calibration_patches",
            "TOLERANCE"]
@@ -172,6 +174,14 @@ def _cv_scores(model_dir: Path | None) -> dict | None:
                                    if m in s["overall"][r]}} for r in REGIONS}
 
 
+def _review_calibration(model_dir: Path | None) -> dict | None:
+    """The cv folder's review threshold (``uncertainty.json``), for `predict --uncertainty`."""
+    if model_dir is None or not (model_dir / CALIBRATION).is_file():
+        return None
+    cal = json.loads((model_dir / CALIBRATION).read_text())
+    return {k: cal.get(k) for k in ("threshold", "statistic", "case_score", "level", "members", "chosen_on")}
+
+
 def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
                 model_dir: Path | None = None, et_min_ml: float = 0.0, min_component_ml: float = 0.0,
                 verify: bool = True, precision: str = "fp32",
@@ -217,6 +227,7 @@ def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
         "missing_modality_fill": "a missing modality is a channel of 0 after z-scoring (its mean); "
                                  "accepted only when modality_dropout > 0",
         "opset": opset, "precision": precision, "cv_scores": _cv_scores(model_dir),
+        "uncertainty": _review_calibration(model_dir),
     }
     if precision not in TOLERANCE:
         raise MedsegError(f"precision {precision!r}; expected one of {', '.join(TOLERANCE)}")

@@ -34,7 +34,7 @@ from medseg.labels import CHANNELS, regions_to_labels
 from medseg.models import network_from_spec
 from medseg.postprocess import postprocess
 from medseg.transforms import IMAGE, preprocessing
-from medseg.uncertainty import STATISTIC, MemberStats, uncertainty_record
+from medseg.uncertainty import RANGE, STATISTIC, MemberStats, uncertainty_record
 
 __all__ = ["autocast", "predict_probs", "volume_device", "load_model", "Predictor",
            "predict_case", "predict_case_uncertainty", "write_mask"]
@@ -282,7 +282,7 @@ def predict_case_uncertainty(predictor: Predictor, images: Sequence[str | Path],
     write_mask(labels, ref_img, target, convention)
     u = maps[STATISTIC]
     write_region_maps(u, ref_img, Path(uncertainty_target),
-                      f"medseg {__version__} uncertainty {STATISTIC}", cal=(0.0, 1.0))
+                      f"medseg {__version__} uncertainty {STATISTIC}", cal=RANGE[STATISTIC])
     if probs_target is not None:
         write_region_maps(probs, ref_img, Path(probs_target), f"medseg {__version__} probabilities")
     return labels, uncertainty_record(u, regions, probs, voxel_ml, review_threshold, STATISTIC,

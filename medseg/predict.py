@@ -19,7 +19,7 @@ from medseg.data.io import load_header
 from medseg.errors import MedsegError
 from medseg.infer import Predictor, predict_case, predict_case_uncertainty
 from medseg.postprocess import describe_postprocessing
-from medseg.uncertainty import CALIBRATION, SCORE, STATISTIC
+from medseg.uncertainty import CALIBRATION, CASE_SCORE, STATISTIC
 from medseg.viewer import viewer_paths, write_viewer_files
 from medseg.volumetry import VOLUMES_CSV, case_volumetry, write_batch_volumes
 
@@ -73,10 +73,10 @@ def review_calibration(model: Sequence[str | Path]) -> tuple[dict, Path] | None:
         raise MedsegError(f"{path}: not a readable review calibration ({type(exc).__name__}: {exc}); "
                           "re-run benchmarks/uncertainty.py --write-calibration, or pass "
                           "--review-threshold") from None
-    if cal.get("statistic") != STATISTIC or not str(cal.get("case_score", "")).startswith(SCORE):
+    if cal.get("statistic") != STATISTIC or cal.get("case_score") != CASE_SCORE:
         raise MedsegError(f"{path}: threshold chosen for the {cal.get('statistic')!r} map and the "
                           f"{cal.get('case_score')!r} score, but medseg scores cases with {STATISTIC!r} "
-                          f"and {SCORE!r}; re-run benchmarks/uncertainty.py --write-calibration, or pass "
+                          f"and {CASE_SCORE!r}; re-run benchmarks/uncertainty.py --write-calibration, or pass "
                           "--review-threshold")
     return cal, path
 
