@@ -273,3 +273,17 @@ def test_memory_path_and_preprocessed_path_train_on_the_same_cases(split, tmp_pa
     assert (tmp_path / "runs" / "preprocessed").is_dir()
     assert not (tmp_path / "runs" / "mem" / "preprocessed").exists()
     assert np.isfinite(b["final"]["train_loss"]) and "dice_mean" in b["final"]
+
+
+def test_building_in_process_leaves_the_thread_count_alone(split, tmp_path):
+    """A serial build must not change the caller's torch threads: training after it
+    in the same process would otherwise not reproduce a run in a fresh process."""
+    data, cases, _, _ = _cases(split)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ensure_store(cases[:2], tmp_path / "pp", SPACING, data.channels, data.convention, jobs=1,
+                     print_fn=quiet)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

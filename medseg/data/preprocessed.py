@@ -129,10 +129,8 @@ def check_entry(folder: Path, case: dict | None = None, deep: bool = True) -> st
 def build_entry(case: dict, store_dir: Path, settings: dict) -> dict:
     """Preprocess one case ({"id", "image", "label"}) with the MONAI transforms and
     write its entry atomically. Returns {"case", "seconds", "bytes"}."""
-    import torch
     from medseg.transforms import IMAGE, LABEL, LabelsToRegionsd, preprocessing
     t0 = time.perf_counter()
-    torch.set_num_threads(1)
     steps = [t for t in preprocessing(settings["channels"], settings["convention"], settings["spacing"],
                                       with_label="label" in case).transforms
              if not isinstance(t, LabelsToRegionsd)]
@@ -350,13 +348,20 @@ def ensure_store(cases: Sequence[dict], root: str | Path, spacing: Sequence[floa
     return Store(store_dir)
 
 
+def _one_thread() -> None:
+    """Pool worker start: one torch thread each (n processes on n cores)."""
+    import torch
+    torch.set_num_threads(1)
+
+
 def _pool(n: int) -> ProcessPoolExecutor:
     """Worker processes: forked (fast) unless this process holds a CUDA context,
-    which must not be forked."""
+    which must not be forked. The calling process's thread count is left alone
+    (training in it must not change with whether the dataset was built)."""
     import multiprocessing as mp
     import torch
     ctx = mp.get_context("spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork")
-    return ProcessPoolExecutor(max_workers=n, mp_context=ctx)
+    return ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_one_thread)
 
 
 class _Serial:
