@@ -290,7 +290,7 @@ def main() -> None:
                     help="a case is poor when its mean Dice is below this")
     ap.add_argument("--write-calibration", action="store_true",
                     help=f"store the review threshold as <run>/{CALIBRATION}")
-    ap.add_argument("--out", default="runs/uncertainty.json")
+    ap.add_argument("--out", default="runs/uncertainty_benchmark.json")
     ap.add_argument("--from-json", help="reuse the per-case rows and AUROCs of an earlier --out "
                     "(no prediction): recompute the tables and the threshold")
     a = ap.parse_args()

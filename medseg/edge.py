@@ -343,6 +343,9 @@ def edge_predict_all(model: str | Path, cases: Sequence[InputCase], out_dir: str
         print_fn(f"review threshold {review_threshold:.4g} from the model's metadata ({cal.get('chosen_on', '')})"
                  if cal else "no review threshold in the model's metadata: cases are scored but none is "
                  "flagged (pass --review-threshold)")
+        if cal and cal.get("members") and int(cal["members"]) != pred.members():
+            print_fn(f"note: chosen with {cal['members']} members per case, predicting with {pred.members()}: "
+                     "an ensemble's scores are not on the same scale (README: Uncertainty)")
     check_modalities(cases, pred.meta, str(model))
     conv, why = output_convention(cases, convention, pred.meta["label_convention"])
     print_fn(f"labels: {conv} (from {why})")

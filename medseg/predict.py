@@ -62,7 +62,7 @@ def review_calibration(model: Sequence[str | Path]) -> tuple[dict, Path] | None:
         return None
     p = Path(model[0])
     p = p if p.is_dir() else p.parent.parent          # fold_k/checkpoints/final.pt → fold_k
-    folders = [p, p.parent] if (p / "checkpoints").is_dir() else [p]   # a fold: its cv folder too
+    folders = [p, p.parent] if p.name.startswith("fold_") else [p]   # a cv fold: its cv folder too
     path = next((f / CALIBRATION for f in folders if (f / CALIBRATION).is_file()), None)
     if path is None:
         return None
