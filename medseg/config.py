@@ -117,7 +117,8 @@ def _keys(d: dict, prefix: str = "") -> set[str]:
 #: Keys added after configs were first written, with the value that reproduces how
 #: a config written before them behaved: filled in when absent, so every older
 #: ``config.json`` and checkpoint still loads, compares and resumes.
-LATER_KEYS = {("train", "modality_dropout"): 0.0, ("train", "ddp_timeout_min"): 30}
+LATER_KEYS = {("train", "modality_dropout"): 0.0, ("train", "ddp_timeout_min"): 30, ("train", "init_from"): None,
+              ("data", "augment"): "auto"}
 
 
 def experiment(preset: str, seed: int, model: dict, data: dict, train: dict, infer: dict) -> dict:

@@ -43,7 +43,7 @@ from medseg import __version__
 from medseg.config import config_hash, experiment
 from medseg.data.folds import load_datalist
 from medseg.data.io import atomic_path, write_json
-from medseg.data.patches import EpochSampler, PatchDataset, VolumeDataset
+from medseg.data.patches import Augmenter, EpochSampler, PatchDataset, VolumeDataset
 from medseg.data.preprocessed import Store, ensure_store
 from medseg.errors import MedsegError
 from medseg.infer import autocast, predict_probs
@@ -55,7 +55,7 @@ from medseg.transforms import IMAGE, LABEL, patch_augmentation, preprocessing, t
 
 __all__ = ["FoldData", "fold_data", "train_fold", "lr_factor", "CHECKPOINT_DIR", "build_network",
            "build_criterion", "build_transforms", "build_optimizer", "deep_supervised", "cache_key",
-           "modality_dropout", "input_subsets", "loader_workers", "prepare_store", "store_root",
+           "modality_dropout", "input_subsets", "initial_weights", "augment_on_device", "loader_workers", "prepare_store", "store_root",
            "DEFAULT_STORE"]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -155,6 +155,48 @@ def input_subsets(p: float) -> str:
     bundle metadata)."""
     return ("any non-empty subset of " + ", ".join(CHANNELS)) if p > 0 else \
         ("all four: " + ", ".join(CHANNELS))
+
+
+def initial_weights(cfg: dict, fold: int | None, datalist: Path) -> tuple[Path, dict] | None:
+    """``train.init_from``: the weights training starts from (None: random).
+
+    It names a `medseg cv` folder (fold k starts from that cv's fold k, so that
+    no case of this fold's validation set was seen in training), a `medseg train`
+    folder, or a checkpoint file. The network must be the same; the split must be
+    the same (same datalist file, same fold), else the validation figures would be
+    measured on cases the initial model was trained on."""
+    src = cfg["train"].get("init_from")
+    if not src:
+        return None
+    path = Path(str(src))
+    if path.is_dir() and (path / f"fold_{fold}").is_dir():
+        path = path / f"fold_{fold}"
+    if path.is_dir():
+        cands = [path / CHECKPOINT_DIR / n for n in ("last.pt", "final.pt")]
+        found = [c for c in cands if c.is_file()]
+        if not found:
+            raise MedsegError(f"train.init_from={src}: no checkpoint for fold {fold} (looked for "
+                              f"{', '.join(str(c) for c in cands)}); pass a cv folder with fold_{fold}/, "
+                              "a training run folder or a .pt checkpoint")
+        path = found[0]
+    if not path.is_file():
+        raise MedsegError(f"train.init_from={src}: no such checkpoint or run folder")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        meta, weights = ck["meta"], ck["model"]
+    except Exception as e:   # noqa: BLE001 - any unreadable file gets the same explanation
+        raise MedsegError(f"train.init_from: {path} is not a medseg checkpoint ({type(e).__name__}: {e})") from e
+    want = {"name": cfg["model"]["name"], "args": dict(cfg["model"]["args"])}
+    if meta.get("network") != want:
+        raise MedsegError(f"train.init_from: {path} holds network {meta.get('network')}, this run builds "
+                          f"{want}; start from a model of the same network (same preset)")
+    same_split = meta.get("fold") == fold and Path(str(meta.get("datalist"))).resolve() == Path(datalist).resolve()
+    if not same_split:
+        raise MedsegError(f"train.init_from: {path} was trained on fold {meta.get('fold')} of "
+                          f"{meta.get('datalist')}, this run is fold {fold} of {datalist}; the initial "
+                          "model may have seen this fold's validation cases. Start from the same fold of "
+                          "the same datalist")
+    return path, weights
 
 
 def build_transforms(cfg: dict, channels, convention: str, training: bool = True) -> Compose:
@@ -388,14 +430,32 @@ def prepare_store(cfg: dict, data: FoldData, root: Path, print_fn=print, share=(
                         print_fn=print_fn, share=share, wait_for_others=share[1] > 1, timeout_s=timeout_s)
 
 
+AUGMENT_WHERE = ("auto", "worker", "device")
+
+
+def augment_on_device(cfg: dict, device: torch.device) -> bool:
+    """``data.augment``: where training patches are augmented. ``worker``: in the
+    loader workers (CPU); ``device``: batched on the training device, the workers
+    only read patches (the preprocessed dataset only); ``auto`` (default): on the
+    device when it is a GPU and the dataset is the preprocessed one."""
+    where = cfg["data"].get("augment", "auto")
+    if where not in AUGMENT_WHERE:
+        raise MedsegError(f"data.augment={where!r}: expected one of {', '.join(AUGMENT_WHERE)}")
+    preprocessed = cfg["data"]["cache"] == "preprocessed"
+    if where == "device" and not preprocessed:
+        raise MedsegError(f"data.augment=device needs data.cache=preprocessed (it is "
+                          f"{cfg['data']['cache']!r}): the MONAI cache path augments in the workers")
+    return where == "device" or (where == "auto" and preprocessed and device.type == "cuda")
+
+
 def _datasets(data: FoldData, cfg: dict, cache_dir: Path | None, print_fn=print, share=(0, 1),
-              timeout_s: float | None = None):
+              timeout_s: float | None = None, on_device: bool = False):
     cache = cfg["data"]["cache"]
     if cache == "preprocessed":
         store = prepare_store(cfg, data, cache_dir, print_fn, share, timeout_s)
         aug = patch_augmentation(modality_dropout(cfg))
         train_ds = PatchDataset(store, [c["id"] for c in data.train], cfg["train"]["patch"],
-                                *cfg["train"]["pos_neg"], aug)
+                                *cfg["train"]["pos_neg"], aug, augment=not on_device)
         return train_ds, VolumeDataset(store, [c["id"] for c in data.val])
     pre = build_transforms(cfg, data.channels, data.convention, training=False)
     train_tf = build_transforms(cfg, data.channels, data.convention, training=True)
@@ -424,9 +484,11 @@ def _check_patch(cfg: dict) -> None:
 
 
 def _train_epoch(model, loader, loss_fn, opt, sched, cfg, device, deep_sup, bar,
-                 scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
+                 scaler: torch.amp.GradScaler | None = None, augmenter: Augmenter | None = None
+                 ) -> tuple[float, float]:
     """One epoch; returns the mean loss and the fraction of the time spent waiting
-    for batches. The loss stays on the device: the host
+    for batches. With `augmenter`, batches are raw patches augmented here, on the
+    device. The loss stays on the device: the host
     waits for it once, at the end (a progress bar on a terminal reads it per step)."""
     model.train()
     tcfg = cfg["train"]
@@ -439,6 +501,8 @@ def _train_epoch(model, loader, loss_fn, opt, sched, cfg, device, deep_sup, bar,
         wait += time.perf_counter() - t_ask          # the step waited this long for its batch
         x = torch.as_tensor(batch[IMAGE]).to(device, non_blocking=cuda)
         y = torch.as_tensor(batch[LABEL]).to(device, non_blocking=cuda)
+        if augmenter is not None:
+            x, y = augmenter.batch(x, y, batch["seed"])
         if tcfg["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with autocast(device, tcfg["amp"], tcfg["amp_dtype"]):
@@ -548,7 +612,9 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
     _seed_all(seed)
     preprocessed = cfg["data"]["cache"] == "preprocessed"
     root = store_root(out_dir, cache_dir) if preprocessed else (Path(cache_dir) if cache_dir else out_dir / "cache")
-    train_ds, val_ds = _datasets(data, cfg, root, log, (dd.rank, dd.world), ddp_timeout_s(cfg))
+    on_device = augment_on_device(cfg, dev)
+    train_ds, val_ds = _datasets(data, cfg, root, log, (dd.rank, dd.world), ddp_timeout_s(cfg), on_device)
+    augmenter = train_ds.augmenter if on_device else None
     workers = loader_workers(cfg, dd.world)
     sampler, loader = None, None
     if preprocessed:
@@ -566,6 +632,14 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
     model = build_network(cfg, training=True).to(dev)
     if tcfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last_3d)
+    init = initial_weights(cfg, fold, data.datalist) if not resume else None
+    if init is not None:
+        # the inference checkpoint (final.pt) has no deep-supervision heads: those start fresh
+        missing, unexpected = model.load_state_dict(init[1], strict=False)
+        if unexpected or any(not k.startswith("deep_supervision_heads") for k in missing):
+            raise MedsegError(f"train.init_from: {init[0]} does not fit this network (missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]})")
+        log(f"starting from the weights of {init[0]}")
     train_model = model
     if dd.world > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -588,6 +662,7 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
         "infer": dict(cfg["infer"], amp=tcfg["amp"], amp_dtype=tcfg["amp_dtype"]),
         "medseg_version": __version__, "fold": fold, "datalist": str(data.datalist),
         "modality_dropout": modality_dropout(cfg), "input_subsets": input_subsets(modality_dropout(cfg)),
+        "init_from": str(cfg["train"].get("init_from") or "") or None,
     }
     start, history, best = 0, [], -1.0
     if resume:
@@ -609,7 +684,8 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
     log(f"fold {fold}: {len(data.train)} training, {len(data.val)} validation cases; "
         f"{net['name']} {net['args']}, patch {tcfg['patch']}, batch {tcfg['batch_size']}"
         f"{f' x {dd.world} ranks' if dd.world > 1 else ''}, {tcfg['epochs']} epochs x "
-        f"{tcfg['iters_per_epoch']} iterations, {dev.type}{' ' + tcfg['amp_dtype'] if tcfg['amp'] else ''}")
+        f"{tcfg['iters_per_epoch']} iterations, {dev.type}{' ' + tcfg['amp_dtype'] if tcfg['amp'] else ''}"
+        f"{', augmentation on ' + dev.type if on_device else ''}")
 
     t_start = time.perf_counter()
     for epoch in range(start, tcfg["epochs"]):
@@ -627,7 +703,8 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
                                 num_workers=workers, generator=torch.Generator().manual_seed(es),
                                 persistent_workers=False)
         bar = _progress(len(loader), f"epoch {epoch + 1}/{tcfg['epochs']}", dd.main)
-        loss, data_wait = _train_epoch(train_model, loader, loss_fn, opt, sched, run_cfg, dev, deep_sup, bar, scaler)
+        loss, data_wait = _train_epoch(train_model, loader, loss_fn, opt, sched, run_cfg, dev, deep_sup, bar, scaler,
+                                       augmenter)
         if bar is not None:
             bar.close()
         if dd.world > 1:

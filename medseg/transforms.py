@@ -216,17 +216,19 @@ def train_augmentation(patch: Sequence[int], pos: float = 2.0, neg: float = 1.0,
     ])
 
 
-_GRIDS: dict[tuple[int, ...], torch.Tensor] = {}
+_GRIDS: dict[tuple, torch.Tensor] = {}
 
 
-def _identity_grid(shape: tuple[int, ...]) -> torch.Tensor:
-    """`affine_grid`'s identity grid of a volume shape, made once per shape (a
-    transformed grid is then one small matrix product, not a new grid)."""
-    if shape not in _GRIDS:
-        eye = torch.eye(3, 4)[None]
-        _GRIDS.clear()
-        _GRIDS[shape] = torch.nn.functional.affine_grid(eye, [1, 1, *shape], align_corners=False)[0]
-    return _GRIDS[shape]
+def _identity_grid(shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+    """`affine_grid`'s identity grid of a volume shape on a device, made once per
+    shape (a transformed grid is then one small matrix product, not a new grid)."""
+    key = (tuple(shape), str(torch.device(device)))
+    if key not in _GRIDS:
+        eye = torch.eye(3, 4, device=device)[None]
+        if len(_GRIDS) > 4:
+            _GRIDS.clear()
+        _GRIDS[key] = torch.nn.functional.affine_grid(eye, [1, 1, *shape], align_corners=False)[0]
+    return _GRIDS[key]
 
 
 class RandRotateZoomd(RandomizableTransform, MapTransform):
@@ -278,13 +280,15 @@ class RandRotateZoomd(RandomizableTransform, MapTransform):
         if self.angles is None and self.zoom is None:
             return d
         first = torch.as_tensor(d[self.keys[0]])
-        theta = self.matrix(first.shape[1:])
-        grid = torch.addmm(theta[:, 3], _identity_grid(tuple(first.shape[1:])).view(-1, 3),
+        theta = self.matrix(first.shape[1:]).to(first.device)
+        grid = torch.addmm(theta[:, 3], _identity_grid(tuple(first.shape[1:]), first.device).view(-1, 3),
                            theta[:, :3].T).view(1, *first.shape[1:], 3)
         for key, mode in zip(self.key_iterator(d), self.mode):
-            img = torch.as_tensor(d[key]).float()
-            out = torch.nn.functional.grid_sample(img[None], grid, mode=mode, padding_mode="zeros",
+            src = torch.as_tensor(d[key])
+            out = torch.nn.functional.grid_sample(src.float()[None], grid, mode=mode, padding_mode="zeros",
                                                   align_corners=False)[0]
+            if not src.is_floating_point():      # a label map stays in its integer type
+                out = out.round_().to(src.dtype)
             d[key] = MetaTensor(out, meta=d[key].meta) if isinstance(d[key], MetaTensor) else out
         return d
 
@@ -391,8 +395,10 @@ class RandNoised(RandomizableTransform, MapTransform):
             return d
         for key in self.key_iterator(d):
             img = torch.as_tensor(d[key]).float()
-            g = torch.Generator().manual_seed(self.seed)
-            d[key] = img + self.sigma * torch.randn(img.shape, generator=g, dtype=torch.float32)
+            # made on the image's device (the same numbers on CPU whichever process makes them)
+            g = torch.Generator(device=img.device).manual_seed(self.seed)
+            d[key] = img + self.sigma * torch.randn(img.shape, generator=g, dtype=torch.float32,
+                                                    device=img.device)
         return d
 
 

@@ -33,7 +33,7 @@ from medseg.data.preprocessed import Store
 from medseg.labels import labels_to_regions
 from medseg.transforms import IMAGE, LABEL
 
-__all__ = ["PatchDataset", "VolumeDataset", "EpochSampler", "patch_window", "sample_seed"]
+__all__ = ["Augmenter", "PatchDataset", "VolumeDataset", "EpochSampler", "patch_window", "sample_seed"]
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -59,18 +59,65 @@ def patch_window(shape: Sequence[int], centre: Sequence[int], patch: Sequence[in
     return tuple(src), tuple(dst)
 
 
+class Augmenter:
+    """Augments raw patches and makes their TC/WT/ET targets, on whatever device
+    the tensors are: in a loader worker (CPU), or batched on the training device
+    (`data.augment=device`: the loader worker only reads the patch, ~0.03 s, and
+    the GPU resamples and perturbs it in milliseconds). The sample's seed fixes
+    every draw, so both places give the same augmentation (the same numbers on CPU)."""
+
+    def __init__(self, augmentation: Compose | None, convention: str):
+        self.augmentation = augmentation
+        # label value → its TC/WT/ET membership (labels_to_regions as a lookup table)
+        self.lut = np.ascontiguousarray(labels_to_regions(np.arange(256), convention).astype(np.float32))  # (3, 256)
+        self._lut_dev: dict[str, torch.Tensor] = {}
+
+    def regions(self, label: torch.Tensor) -> torch.Tensor:
+        """(*patch) uint8 label map → (3, *patch) float32 TC/WT/ET."""
+        if label.device.type == "cpu":     # numpy's take on uint8 indices: 3× torch's gather here
+            lab = label.numpy()
+            return torch.from_numpy(np.stack([np.take(self.lut[r], lab) for r in range(len(self.lut))]))
+        key = str(label.device)
+        if key not in self._lut_dev:
+            self._lut_dev[key] = torch.as_tensor(np.ascontiguousarray(self.lut.T), device=label.device)
+        return self._lut_dev[key][label.long()].permute(3, 0, 1, 2)
+
+    def one(self, image: torch.Tensor, label: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """image (4, *patch) (any float type), label (1, *patch) uint8 → augmented image
+        float32, regions float32."""
+        d = {IMAGE: image.float(), LABEL: label}
+        if self.augmentation is not None:
+            self.augmentation.set_random_state(seed=int(seed) % 2**32)
+            track = get_track_meta()
+            set_track_meta(False)        # plain tensors: no metadata bookkeeping per sample
+            try:
+                d = self.augmentation(d)
+            finally:
+                set_track_meta(track)
+        return torch.as_tensor(d[IMAGE]).float().contiguous(), self.regions(torch.as_tensor(d[LABEL])[0])
+
+    def batch(self, image: torch.Tensor, label: torch.Tensor, seeds: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of raw patches from `PatchDataset(..., augment=False)`, already on
+        the device → (B, 4, *patch) float32 images, (B, 3, *patch) float32 regions."""
+        out = [self.one(image[b], label[b], int(seeds[b])) for b in range(image.shape[0])]
+        return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out]).contiguous()
+
+
 class PatchDataset(Dataset):
-    """Augmented training patches: ``dataset[(i, seed)]`` → {"image": (4, *patch)
-    float32, "label": (3, *patch) float32 TC/WT/ET} of case `case_ids[i]`."""
+    """Training patches: ``dataset[(i, seed)]`` of case `case_ids[i]` → with `augment`
+    (the default) {"image": (4, *patch) float32, "label": (3, *patch) float32
+    TC/WT/ET}, augmented in the loader worker; without, the raw patch
+    {"image": (4, *patch) float16 as stored, "label": (1, *patch) uint8 label map,
+    "seed": the sample's seed} for `Augmenter.batch` on the training device."""
 
     def __init__(self, store: Store, case_ids: Sequence[str], patch: Sequence[int], pos: float, neg: float,
-                 augmentation: Compose | None):
+                 augmentation: Compose | None, augment: bool = True):
         self.store, self.case_ids = store, list(case_ids)
         self.patch = tuple(int(p) for p in patch)
         self.p_pos = pos / (pos + neg) if pos + neg > 0 else 0.0
-        self.augmentation = augmentation
-        # label value → its TC/WT/ET membership (labels_to_regions as a lookup table)
-        self._lut = torch.as_tensor(labels_to_regions(np.arange(256), store.convention).T, dtype=torch.float32)
+        self.augmenter = Augmenter(augmentation, store.convention)
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -91,13 +138,13 @@ class PatchDataset(Dataset):
                 break
         return c
 
-    def read(self, i: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """The patch (image float32, label map uint8) before augmentation."""
+    def read(self, i: int, seed: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """The patch (image in `dtype`, None: as stored; label map uint8) before augmentation."""
         case_id = self.case_ids[i]
         rng = np.random.default_rng(seed)
         image, label = self.store.image(case_id), self.store.label(case_id)
         src, dst = patch_window(label.shape, self._centre(case_id, label.shape, label, rng), self.patch)
-        img = np.zeros((image.shape[0], *self.patch), np.float32)
+        img = np.zeros((image.shape[0], *self.patch), dtype or image.dtype)
         lab = np.zeros(self.patch, np.uint8)
         img[(slice(None), *dst)] = image[(slice(None), *src)]
         lab[dst] = label[src]
@@ -106,19 +153,13 @@ class PatchDataset(Dataset):
 
     def __getitem__(self, key) -> dict:
         i, seed = key
+        if not self.augment:        # half the bytes to the training process and the device
+            img, lab = self.read(i, seed, dtype=None)
+            return {IMAGE: torch.from_numpy(img), LABEL: torch.from_numpy(lab[None]),
+                    "seed": torch.tensor(seed, dtype=torch.int64)}
         img, lab = self.read(i, seed)
-        d = {IMAGE: torch.from_numpy(img), LABEL: torch.from_numpy(lab[None].astype(np.float32))}
-        if self.augmentation is not None:
-            self.augmentation.set_random_state(seed=seed % 2**32)
-            track = get_track_meta()
-            set_track_meta(False)        # plain tensors: no metadata bookkeeping per sample
-            try:
-                d = self.augmentation(d)
-            finally:
-                set_track_meta(track)
-        lab_aug = torch.as_tensor(d[LABEL])[0].round().to(torch.long)
-        regions = self._lut[lab_aug].permute(3, 0, 1, 2).contiguous()
-        return {IMAGE: torch.as_tensor(d[IMAGE]).float().contiguous(), LABEL: regions}
+        image, regions = self.augmenter.one(torch.from_numpy(img), torch.from_numpy(lab[None]), seed)
+        return {IMAGE: image, LABEL: regions}
 
 
 class VolumeDataset(Dataset):
