@@ -1,6 +1,8 @@
 """GPU readiness check (run by benchmarks/gpu_check.sh on a machine with a GPU).
 
-1. N synthetic BraTS-size cases (240×240×155, 1 mm) → the preprocessed dataset.
+1. N synthetic BraTS-size cases (240×240×155, 1 mm) → the preprocessed dataset;
+   augmentation of a 128³ sample in a loader worker (1 CPU thread) against the
+   batch augmented on the GPU (`data.augment=auto`; the worker only reads).
 2. A short training of the full preset (1 mm, 128³ patches, the nnU-Net-size
    U-Net, bf16 where the GPU has it): iterations per second after the first
    epoch, peak GPU memory, the fraction of the loop spent waiting for batches.
@@ -64,6 +66,23 @@ def main() -> None:
     assert medseg(["data", "preprocess", "--datalist", str(dl), "--data-root", str(root), "--preset", "full",
                    "--out", str(work / "preprocessed")]) == 0
     res["preprocess_s"] = time.perf_counter() - t0
+    # augmentation per 128³ sample: whole in a loader worker (1 CPU thread) against
+    # read-only workers + the batch augmented on the device (data.augment=auto on a GPU)
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import augmentation_costs
+    from medseg.config import resolve_config
+    from medseg.data.preprocessed import Store
+    store = Store(next((work / "preprocessed").glob("pp_*")))
+    ids = sorted(p.name for p in store.path.iterdir() if (p / "entry.json").is_file())
+    threads = torch.get_num_threads()
+    aug = augmentation_costs(store, ids[:2], resolve_config("full")["train"]["patch"], 16, a.device)
+    torch.set_num_threads(threads)
+    res |= {"aug_worker_s_per_sample": aug["worker_s"], "aug_worker_raw_s_per_sample": aug["worker_raw_s"],
+            "aug_device_s_per_sample": aug["device_s"]}
+    print(f"augmentation per 128³ sample: in a loader worker {aug['worker_s']:.3f} s of one core; with "
+          f"augmentation on {a.device}: the worker reads {aug['worker_raw_s']:.3f} s, the device augments "
+          f"{aug['device_s'] * 1e3:.1f} ms", flush=True)
     if not (run / "train_summary.json").exists():
         import shutil
         shutil.rmtree(run, ignore_errors=True)

@@ -14,11 +14,15 @@ and 128³ patches) it measures:
    loader workers so that one process holds everything; the VmHWM of that
    process) for each N and each path. The preprocessed path should not grow
    with N; the in-memory one does.
-3. **Samples per second per loader worker** at 128³ with the full augmentation:
-   one thread making samples as a loader worker does, from the in-memory cached
-   item (MONAI RandCropByPosNegLabeld → rotate → zoom → flips → intensity, on the
-   whole cached volume) and from the preprocessed store (read the patch,
-   one-resampling rotate+zoom, flips, intensity).
+3. **Seconds of one core per 128³ sample** with the full augmentation, as a
+   loader worker makes it: from the in-memory cached item (MONAI
+   RandCropByPosNegLabeld → rotate → zoom → flips → intensity, on the whole
+   cached volume); from the preprocessed store augmented in the worker (read the
+   patch, one-resampling rotate+zoom, flips, intensity: `data.augment=worker`,
+   CPU training); and from the store when augmentation runs on the training
+   device (`data.augment=auto` on a GPU: the worker only reads the raw patch).
+   The device-side augmentation is also timed with this CPU as the device (an
+   upper bound; `benchmarks/gpu_check.sh` times it on a GPU).
 
 Then a projection for BraTS 2021 (1,251 cases): disk, RAM per training process,
 and hours of sample making per epoch (250 iterations × batch 2) for 1–16 workers.
@@ -115,9 +119,7 @@ def _sample_rates(cases: list[dict], channels, convention, store, n_samples: int
     """Seconds per 128³ training sample made by one thread, both paths."""
     import torch
     from medseg.config import resolve_config
-    from medseg.data.patches import PatchDataset
     from medseg.train import build_transforms
-    from medseg.transforms import patch_augmentation
     from monai.transforms import Compose, Randomizable
     torch.set_num_threads(1)
     cfg = resolve_config("full")
@@ -139,16 +141,11 @@ def _sample_rates(cases: list[dict], channels, convention, store, n_samples: int
         out = out[0] if isinstance(out, list) else out
         assert tuple(out["image"].shape[1:]) == tuple(patch)
     memory = (time.perf_counter() - t0) / n_samples
-    # the same cost without the whole-volume foreground search (the crop alone)
-    ds = PatchDataset(store, [c["id"] for c in cases[:2]], patch, *cfg["train"]["pos_neg"],
-                      patch_augmentation(0.0))
-    ds[(0, 0)]
-    t0 = time.perf_counter()
-    for k in range(n_samples):
-        out = ds[(k % 2, seed * 100_000 + k)]
-        assert tuple(out["image"].shape[1:]) == tuple(patch)
-    pre = (time.perf_counter() - t0) / n_samples
-    return {"memory_s_per_sample": memory, "preprocessed_s_per_sample": pre}
+    # the preprocessed path: augmented in a loader worker, or on the device (the worker reads)
+    from _common import augmentation_costs
+    pre = augmentation_costs(store, [c["id"] for c in cases[:2]], patch, n_samples, "cpu", seed)
+    return {"memory_s_per_sample": memory, "preprocessed_s_per_sample": pre["worker_s"],
+            "preprocessed_raw_s_per_sample": pre["worker_raw_s"], "device_aug_s_per_sample_on_cpu": pre["device_s"]}
 
 
 def main() -> None:
@@ -228,10 +225,17 @@ def main() -> None:
     # 3. samples per second per worker
     rates = _sample_rates(cases, data.channels, data.convention, store, a.samples)
     speedup = rates["memory_s_per_sample"] / rates["preprocessed_s_per_sample"]
-    print(f"\none loader worker (1 thread), 128³ samples with full augmentation: in-memory path "
-          f"{rates['memory_s_per_sample']:.3f} s/sample ({1 / rates['memory_s_per_sample']:.1f}/s), "
-          f"preprocessed path {rates['preprocessed_s_per_sample']:.3f} s/sample "
-          f"({1 / rates['preprocessed_s_per_sample']:.1f}/s): {speedup:.1f}x faster", flush=True)
+    speedup_dev = rates["memory_s_per_sample"] / rates["preprocessed_raw_s_per_sample"]
+    print("\none loader worker (1 thread), 128³ samples with full augmentation, seconds of one core per sample:")
+    print(f"  in-memory path (MONAI transforms on the cached case)     {rates['memory_s_per_sample']:.3f} s "
+          f"({1 / rates['memory_s_per_sample']:.1f}/s)")
+    print(f"  preprocessed, augmented in the worker (data.augment=worker, CPU training) "
+          f"{rates['preprocessed_s_per_sample']:.3f} s: {speedup:.1f}x faster")
+    print(f"  preprocessed, augmented on the device (data.augment=auto on a GPU): the worker reads "
+          f"{rates['preprocessed_raw_s_per_sample']:.3f} s: {speedup_dev:.1f}x faster")
+    print(f"  (that augmentation, run here on this CPU as the device, 1 thread: "
+          f"{rates['device_aug_s_per_sample_on_cpu']:.3f} s per sample; on a GPU: benchmarks/gpu_check.sh)",
+          flush=True)
 
     # projection
     per_epoch = 250 * 2
@@ -245,14 +249,16 @@ def main() -> None:
     print("  hours of sample making per epoch (250 iterations x batch 2), per worker count "
           "(a GPU step of about 0.1-0.2 s needs the loader to make a batch in that time):")
     print("  workers " + " ".join(f"{w:>7}" for w in (1, 2, 4, 8, 16)))
-    for name, key in (("memory", "memory_s_per_sample"), ("preproc", "preprocessed_s_per_sample")):
+    for name, key in (("memory", "memory_s_per_sample"), ("worker", "preprocessed_s_per_sample"),
+                      ("device", "preprocessed_raw_s_per_sample")):
         print(f"  {name:>7} " + " ".join(f"{per_epoch * rates[key] / w / 3600:7.3f}" for w in (1, 2, 4, 8, 16)))
     out = work / "scale.json"
     out.write_text(json.dumps({
         "cases": a.cases, "preprocess_wall_s_per_case": wall / len(cases), "preprocess_cpu_s_per_case": cpu_s,
         "jobs": jobs, "disk_bytes_per_case": disk, "memory_cache_bytes_per_case": mem_item,
         "peaks": {f"{c}_{n}": v for (c, n), v in peaks.items()}, "peak_ratio_hi_lo": ratios,
-        "rates": rates, "speedup": speedup, "model_preset": a.model_preset}, indent=2))
+        "rates": rates, "speedup": speedup, "speedup_device_augmentation": speedup_dev,
+        "model_preset": a.model_preset}, indent=2))
     print(f"\nwritten {out}")
 
 
