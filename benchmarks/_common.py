@@ -87,11 +87,21 @@ def augmentation_costs(store, case_ids, patch, n_samples: int, device: str = "cp
     (read the raw patch); ``device_s``: `Augmenter.batch` on `device` per sample
     (batches of `batch`, timed after the copy to the device, synchronised)."""
     import torch
-    from medseg.data.patches import PatchDataset
-    from medseg.transforms import IMAGE, LABEL, patch_augmentation
-    from monai.data import set_track_meta
+    from monai.data import get_track_meta, set_track_meta
+    threads, track = torch.get_num_threads(), get_track_meta()
     torch.set_num_threads(1)
     set_track_meta(False)
+    try:
+        return _augmentation_costs(store, case_ids, patch, n_samples, device, seed, batch)
+    finally:
+        torch.set_num_threads(threads)
+        set_track_meta(track)
+
+
+def _augmentation_costs(store, case_ids, patch, n_samples, device, seed, batch) -> dict:
+    import torch
+    from medseg.data.patches import PatchDataset
+    from medseg.transforms import IMAGE, LABEL, patch_augmentation
     ids = list(case_ids)
     worker = PatchDataset(store, ids, patch, 2.0, 1.0, patch_augmentation(0.0))
     raw = PatchDataset(store, ids, patch, 2.0, 1.0, patch_augmentation(0.0), augment=False)

@@ -75,9 +75,7 @@ def main() -> None:
     from medseg.data.preprocessed import Store
     store = Store(next((work / "preprocessed").glob("pp_*")))
     ids = sorted(p.name for p in store.path.iterdir() if (p / "entry.json").is_file())
-    threads = torch.get_num_threads()
     aug = augmentation_costs(store, ids[:2], resolve_config("full")["train"]["patch"], 16, a.device)
-    torch.set_num_threads(threads)
     res |= {"aug_worker_s_per_sample": aug["worker_s"], "aug_worker_raw_s_per_sample": aug["worker_raw_s"],
             "aug_device_s_per_sample": aug["device_s"]}
     print(f"augmentation per 128³ sample: in a loader worker {aug['worker_s']:.3f} s of one core; with "

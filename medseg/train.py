@@ -184,7 +184,7 @@ def initial_weights(cfg: dict, fold: int | None, datalist: Path) -> tuple[Path, 
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
         meta, weights = ck["meta"], ck["model"]
-    except Exception as e:   # noqa: BLE001 - any unreadable file gets the same explanation
+    except Exception as e:   # any unreadable file gets the same explanation
         raise MedsegError(f"train.init_from: {path} is not a medseg checkpoint ({type(e).__name__}: {e})") from e
     want = {"name": cfg["model"]["name"], "args": dict(cfg["model"]["args"])}
     if meta.get("network") != want:

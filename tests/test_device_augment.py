@@ -6,6 +6,8 @@ runs, not what it does. Also `train.init_from` (fine-tuning from a trained model
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -132,7 +134,7 @@ def test_init_from_starts_from_the_same_fold_of_a_trained_model(split, tmp_path)
     src = tmp_path / "cv"
     train_fold(resolve_config("cpu", TINY_TRAIN), dl, root, 0, src / "fold_0", print_fn=quiet, device="cpu")
     cfg = resolve_config("cpu", [*TINY_TRAIN, f"train.init_from={src}", "train.lr=0", "train.epochs=1"])
-    path, weights = initial_weights(cfg, 0, dl)
+    path, _ = initial_weights(cfg, 0, dl)
     assert path == src / "fold_0" / "checkpoints" / "last.pt"
     train_fold(cfg, dl, root, 0, tmp_path / "ft", print_fn=quiet, device="cpu")
     out = torch.load(tmp_path / "ft" / "checkpoints" / "final.pt", map_location="cpu", weights_only=True)
@@ -146,7 +148,7 @@ def test_init_from_starts_from_the_same_fold_of_a_trained_model(split, tmp_path)
     with pytest.raises(MedsegError, match="trained on fold 0"):
         initial_weights(resolve_config("cpu", [*TINY_TRAIN, f"train.init_from={path}"]), 1, dl)
     other = tmp_path / "other.json"
-    other.write_text(dl.read_text() if hasattr(dl, "read_text") else open(dl).read())
+    other.write_text(Path(dl).read_text())
     with pytest.raises(MedsegError, match="validation cases"):
         initial_weights(resolve_config("cpu", [*TINY_TRAIN, f"train.init_from={path}"]), 0, other)
     with pytest.raises(MedsegError, match="same network"):
