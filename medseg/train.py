@@ -55,8 +55,8 @@ from medseg.transforms import IMAGE, LABEL, patch_augmentation, preprocessing, t
 
 __all__ = ["FoldData", "fold_data", "train_fold", "lr_factor", "CHECKPOINT_DIR", "build_network",
            "build_criterion", "build_transforms", "build_optimizer", "deep_supervised", "cache_key",
-           "modality_dropout", "input_subsets", "initial_weights", "augment_on_device", "loader_workers", "prepare_store", "store_root",
-           "DEFAULT_STORE"]
+           "modality_dropout", "input_subsets", "initial_weights", "augment_on_device", "loader_workers",
+           "prepare_store", "store_root", "DEFAULT_STORE"]
 
 CHECKPOINT_DIR = "checkpoints"
 
