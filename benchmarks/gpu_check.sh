@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU readiness check, for a machine with an NVIDIA GPU (never a test dependency).
-# About 5-7 minutes: synthetic BraTS-size cases → preprocessed dataset → a short
+# About 5-7 minutes: synthetic BraTS-size cases → preprocessed dataset → augmentation
+# cost per 128³ sample (worker vs GPU) → a short
 # full-preset training (it/s, GPU memory, loader wait) → one case predicted with
 # 1 and 5 models, with and without TTA → ONNX with the CUDA provider.
 #
