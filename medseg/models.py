@@ -5,20 +5,24 @@
 full-resolution U-Net: 3×3×3 convolutions, strided-convolution downsampling,
 instance norm, leaky ReLU, deep supervision heads in training. Its width is a
 preset: ``full`` (32…320 filters, nnU-Net's size, the GPU recipe) or ``cpu``
-(16…128, trains in minutes on 2 cores).
+(16…128, trains in minutes on 2 cores). With ``missing_aware=True`` every
+instance norm also takes a FiLM modulation driven by which input channels are
+missing (`MissingAwareDynUNet`), for models trained with modality dropout.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from monai.networks.nets import AttentionUnet, DynUNet, SegResNet, SwinUNETR
 from torch import nn
 
 from medseg.errors import MedsegError
 from medseg.labels import CHANNELS, REGIONS
 
-__all__ = ["UNET3D_FILTERS", "MODELS", "build_model", "network_from_spec", "size_divisor", "unet3d_outputs"]
+__all__ = ["UNET3D_FILTERS", "MODELS", "FiLMInstanceNorm3d", "MissingAwareDynUNet", "missing_channels",
+           "build_model", "network_from_spec", "size_divisor", "unet3d_outputs"]
 
 #: Filters per resolution level of `unet3d`, per preset (levels - 1 = downsamplings).
 UNET3D_FILTERS: dict[str, tuple[int, ...]] = {
@@ -28,7 +32,7 @@ UNET3D_FILTERS: dict[str, tuple[int, ...]] = {
 
 
 def unet3d_outputs(preset: str = "full", filters: tuple[int, ...] | None = None,
-                   deep_supr_num: int | None = None) -> int:
+                   deep_supr_num: int | None = None, missing_aware: bool = False) -> int:
     """Outputs of `unet3d` in training: the full-resolution one plus one head per
     decoder level except the lowest (nnU-Net drops the lowest-resolution output:
     too coarse to supervise). full (6 levels): 1, ½, ¼, ⅛ → 4; cpu (5 levels): 3."""
@@ -40,14 +44,89 @@ def unet3d_outputs(preset: str = "full", filters: tuple[int, ...] | None = None,
     return 1 + max(0, min(heads, len(filters) - 2))
 
 
+def missing_channels(x: torch.Tensor) -> torch.Tensor:
+    """`(B, C, ...)` input → `(B, C)` float: 1 where channel c of sample b is
+    exactly MISSING_FILL (0) everywhere, i.e. a missing or dropped modality.
+
+    A patch with every channel 0 (outside the brain, where z-scored images are 0)
+    counts as complete: it carries no sign of what is missing, and the network
+    must then behave as the plain one."""
+    present = x.abs().flatten(2).amax(-1) > 0
+    present = present | ~present.any(1, keepdim=True)
+    return (~present).to(x.dtype)
+
+
+class _Missing:
+    """What the FiLM layers of one network read: the current batch's missing-channel
+    flags (set by `MissingAwareDynUNet.forward` around each call)."""
+
+    flags: torch.Tensor | None = None
+
+
+class FiLMInstanceNorm3d(nn.InstanceNorm3d):
+    """Instance norm followed by a feature-wise affine modulation driven by the
+    missing-modality flags: ``y = IN(x) · (1 + γ(m)) + β(m)`` with ``γ, β`` linear
+    in `m` and no bias. With every modality present `m = 0`, so ``γ = β = 0`` and
+    the layer is exactly the instance norm it replaces, whatever was learnt: the
+    full-input network is the plain one, and the modulation only serves cases
+    with a modality missing. It sits before the activation (between a norm and a
+    LeakyReLU in DynUNet), where a shift is not undone by the next norm.
+    Its state-dict keys are those of the norm plus ``film.weight``, so a plain
+    network's weights load into it (the modulation then starts at zero)."""
+
+    def __init__(self, norm: nn.InstanceNorm3d, modalities: int, state: _Missing):
+        super().__init__(norm.num_features, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+                         track_running_stats=norm.track_running_stats)
+        if norm.affine:
+            self.weight, self.bias = norm.weight, norm.bias
+        self.film = nn.Linear(modalities, 2 * norm.num_features, bias=False)
+        nn.init.zeros_(self.film.weight)
+        object.__setattr__(self, "_state", state)     # shared, not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        m = self._state.flags
+        if m is None:
+            return y
+        gb = self.film(m.to(y.dtype)).view(m.shape[0], 2, -1, *([1] * (y.ndim - 2)))
+        return y * (1 + gb[:, 0]) + gb[:, 1]
+
+
+class MissingAwareDynUNet(DynUNet):
+    """DynUNet whose every instance norm is a `FiLMInstanceNorm3d`: the network is
+    told which modalities are missing (channels that are exactly 0 over the whole
+    input window, `missing_channels`), so a missing modality is not mistaken for
+    tissue at its mean intensity. The flags come from the input itself, so the
+    input contract (4 channels, a missing one filled with 0) and the ONNX graph's
+    interface are unchanged. Used with ``train.modality_dropout`` > 0."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        state = _Missing()
+        object.__setattr__(self, "_missing_state", state)
+        for parent in list(self.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.InstanceNorm3d:
+                    setattr(parent, name, FiLMInstanceNorm3d(child, self.in_channels, state))
+
+    def forward(self, x):
+        self._missing_state.flags = missing_channels(x)
+        try:
+            return super().forward(x)
+        finally:
+            self._missing_state.flags = None
+
+
 def _unet3d(preset: str = "full", filters: tuple[int, ...] | None = None,
-            deep_supervision: bool = True, deep_supr_num: int | None = None) -> nn.Module:
+            deep_supervision: bool = True, deep_supr_num: int | None = None,
+            missing_aware: bool = False) -> nn.Module:
     heads = unet3d_outputs(preset, filters, deep_supr_num) - 1
     if filters is None:
         filters = UNET3D_FILTERS[preset]
     n = len(filters)
     strides = [[1, 1, 1]] + [[2, 2, 2]] * (n - 1)
-    return DynUNet(
+    cls = MissingAwareDynUNet if missing_aware else DynUNet
+    return cls(
         spatial_dims=3, in_channels=len(CHANNELS), out_channels=len(REGIONS),
         kernel_size=[[3, 3, 3]] * n, strides=strides, upsample_kernel_size=strides[1:],
         filters=list(filters), norm_name=("instance", {"affine": True}),

@@ -147,6 +147,10 @@ def modality_dropout(cfg: dict) -> float:
     p = float(cfg["train"].get("modality_dropout", 0.0))
     if not 0.0 <= p <= 1.0:
         raise MedsegError(f"train.modality_dropout={p}: expected a probability between 0 and 1")
+    if cfg["model"]["args"].get("missing_aware") and not p > 0:
+        raise MedsegError("model.args.missing_aware=true conditions the network on which modalities are "
+                          "missing, which only training with modality dropout shows it: set "
+                          "train.modality_dropout > 0 (e.g. 0.3), or drop model.args.missing_aware")
     return p
 
 
@@ -187,7 +191,11 @@ def initial_weights(cfg: dict, fold: int | None, datalist: Path) -> tuple[Path, 
     except Exception as e:   # any unreadable file gets the same explanation
         raise MedsegError(f"train.init_from: {path} is not a medseg checkpoint ({type(e).__name__}: {e})") from e
     want = {"name": cfg["model"]["name"], "args": dict(cfg["model"]["args"])}
-    if meta.get("network") != want:
+    have = meta.get("network")
+    if isinstance(have, dict) and want["args"].get("missing_aware") and not have.get("args", {}).get("missing_aware"):
+        # a plain network starts a missing-aware one: same weights, modulation from zero
+        have = {**have, "args": {**have.get("args", {}), "missing_aware": True}}
+    if have != want:
         raise MedsegError(f"train.init_from: {path} holds network {meta.get('network')}, this run builds "
                           f"{want}; start from a model of the same network (same preset)")
     same_split = meta.get("fold") == fold and Path(str(meta.get("datalist"))).resolve() == Path(datalist).resolve()
@@ -636,7 +644,9 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
     if init is not None:
         # the inference checkpoint (final.pt) has no deep-supervision heads: those start fresh
         missing, unexpected = model.load_state_dict(init[1], strict=False)
-        if unexpected or any(not k.startswith("deep_supervision_heads") for k in missing):
+        # nor, starting a missing-aware network from a plain one, the FiLM weights (zero)
+        if unexpected or any(not (k.startswith("deep_supervision_heads") or k.endswith(".film.weight"))
+                             for k in missing):
             raise MedsegError(f"train.init_from: {init[0]} does not fit this network (missing "
                               f"{missing[:3]}, unexpected {unexpected[:3]})")
         log(f"starting from the weights of {init[0]}")

@@ -70,10 +70,12 @@ def test_missing_channel_is_filled_after_the_same_preprocessing(dataset):
 
 @pytest.fixture(scope="module")
 def dropout_model(_pristine, tmp_path_factory):
-    """A tiny cv fold trained with modality dropout, exported to ONNX too."""
+    """A tiny cv fold trained with modality dropout (the missing-aware network, whose
+    FiLM flags must also work in the ONNX graph), exported to ONNX too."""
     base = tmp_path_factory.mktemp("dropout")
     run, root = tiny_cv_run(_pristine, base, 2, ["train.epochs=30", "train.iters_per_epoch=4",
-                                                 "train.val_every=30", "train.modality_dropout=0.5"],
+                                                 "train.val_every=30", "train.modality_dropout=0.5",
+                                                 "model.args.missing_aware=true"],
                             only=[0])
     ckpt = run / "fold_0" / "checkpoints" / "final.pt"
     assert main(["export", "--model", str(ckpt), "--out", str(base / "m.onnx")]) == 0
@@ -95,6 +97,8 @@ def test_dropout_model_predicts_from_a_subset_on_both_engines(dropout_model, tmp
     ckpt, onnx, root = dropout_model
     meta = torch.load(ckpt, weights_only=True)["meta"]
     assert meta["modality_dropout"] == 0.5 and "any non-empty subset" in meta["input_subsets"]
+    assert meta["network"]["args"]["missing_aware"] is True
+    assert any(k.endswith(".film.weight") and v.any() for k, v in torch.load(ckpt, weights_only=True)["model"].items())
     assert json.loads(json.dumps(EdgePredictor(onnx).meta))["modality_dropout"] == 0.5
     data = _without(root, tmp_path, ("t1ce", "t2"))
     case = cases_from_input(data)[0][0]
