@@ -56,8 +56,21 @@ def score(run: Path, datalist: str, data_root: str, subsets, max_cases: int = 0,
                 got = labels_to_regions(labels, data.convention)
                 for i, r in enumerate(REGIONS):
                     dice_by[s][r].append(dice(got[i], ref[i]))
+    full = dice_by[subsets[0]]
     return {"+".join(NAMES[c] for c in s): {r: float(np.mean(v)) for r, v in d.items()}
-            for s, d in dice_by.items()} | {"cases": len(dice_by[subsets[0]]["TC"])}
+            for s, d in dice_by.items()} | {"cases": len(full["TC"]),
+                                            "per_case_first": np.mean([full[r] for r in REGIONS], 0).tolist()}
+
+
+def paired_interval(a: list[float], b: list[float]) -> tuple[float, float]:
+    """95 % bootstrap interval (BCa, scipy) of the mean of the per-case differences
+    a − b: the same cases, so the pairing removes the case-to-case spread."""
+    from scipy.stats import bootstrap
+    diff = np.asarray(a) - np.asarray(b)
+    if len(diff) < 2:
+        return float("nan"), float("nan")
+    ci = bootstrap((diff,), np.mean, confidence_level=0.95, n_resamples=10000, random_state=0).confidence_interval
+    return float(ci.low), float(ci.high)
 
 
 def main() -> None:
@@ -83,23 +96,25 @@ def main() -> None:
     rows = ["| inputs | " + " | ".join(f"{r} dropout" for r in REGIONS) + " | mean | "
             + " | ".join(f"{r} no dropout" for r in REGIONS) + " |",
             "|---" * (2 * len(REGIONS) + 2) + "|"]
-    for name in [k for k in drop if k != "cases"]:
+    for name in [k for k in drop if k not in ("cases", "per_case_first")]:
         d, b = drop[name], base.get(name)
         rows.append(f"| {name} | " + " | ".join(f"{d[r]:.3f}" for r in REGIONS)
                     + f" | {np.mean([d[r] for r in REGIONS]):.3f} | "
                     + " | ".join(f"{b[r]:.3f}" if b else "–" for r in REGIONS) + " |")
     full = "+".join(NAMES[c] for c in CHANNELS)
     delta = np.mean([drop[full][r] for r in REGIONS]) - np.mean([base[full][r] for r in REGIONS])
+    low, high = paired_interval(drop["per_case_first"], base["per_case_first"])
     table = "\n".join(rows)
     print(table)
     print(f"\n{drop['cases']} out-of-fold cases of folds {folds}; modality dropout "
           f"{cfg['train'].get('modality_dropout', 0.0)}; full inputs, mean Dice dropout − no dropout: "
-          f"{delta:+.3f}; FLAIR alone WT {drop['FLAIR']['WT']:.3f}; T1ce alone ET {drop['T1ce']['ET']:.3f}; "
+          f"{delta:+.3f} (95 % paired bootstrap interval {low:+.3f} to {high:+.3f}); FLAIR alone WT {drop['FLAIR']['WT']:.3f}; T1ce alone ET {drop['T1ce']['ET']:.3f}; "
           f"{len(SUBSETS) * drop['cases']} predictions of the dropout model in {t_drop:.0f} s, "
           f"{time.perf_counter() - t0:.0f} s in all")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"dropout": drop, "baseline": base, "full_input_delta": delta, "folds": folds,
+    out.write_text(json.dumps({"dropout": drop, "baseline": base, "full_input_delta": delta,
+                               "full_input_delta_interval95": [low, high], "folds": folds,
                                "seconds": time.perf_counter() - t0}, indent=2) + "\n")
     out.with_suffix(".md").write_text(table + "\n")
 

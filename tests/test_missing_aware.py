@@ -82,7 +82,8 @@ def test_missing_aware_network_is_the_plain_one_on_full_inputs():
 
 def test_missing_flags_are_computed_in_the_onnx_graph():
     """Exported once (traced on a complete input), the graph still reads the flags
-    from each input: ONNX Runtime equals PyTorch with and without missing channels."""
+    from each input: ONNX Runtime (and a TorchScript trace) equal PyTorch with and
+    without missing channels."""
     import onnxruntime as ort
     _, aware = _pair(1)
     _scramble(aware)
@@ -100,6 +101,14 @@ def test_missing_flags_are_computed_in_the_onnx_graph():
         got = sess.run(None, {"image": x.numpy()})[0]
         # (flags frozen at the traced "complete" would be off by > 1e-2 on sample 0)
         np.testing.assert_allclose(got, want, atol=1e-4)
+    # the same holds for a TorchScript trace (the bundle's ckpt_export --use_trace)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(aware, torch.randn(1, 4, 16, 16, 16))
+    with torch.no_grad():
+        for drop in ((1,), (0, 2, 3)):
+            x = _inputs(drop)
+            torch.testing.assert_close(traced(x), aware(x), atol=1e-5, rtol=1e-5)
 
 
 def test_missing_aware_needs_dropout_and_starts_from_a_plain_model(split, tmp_path):
