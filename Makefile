@@ -28,6 +28,7 @@ demo: setup
 demo-missing: setup
 	$(PY) -m medseg cv --datalist data_lists/demo_brats2023.json --data-root $(DEMO_DIR) --preset cpu \
 	    --set train.init_from=runs/demo_cpu --set train.modality_dropout=0.3 --set model.args.missing_aware=true \
+	    --set train.modality_dropout_weight=0.3 \
 	    --set train.lr=0.001 --set train.warmup_epochs=0 --out runs/demo_missing
 	$(PY) benchmarks/missing_modality.py --run runs/demo_missing --baseline runs/demo_cpu \
 	    --datalist data_lists/demo_brats2023.json --data-root $(DEMO_DIR) --out runs/missing_modality.json

@@ -118,6 +118,7 @@ def _keys(d: dict, prefix: str = "") -> set[str]:
 #: a config written before them behaved: filled in when absent, so every older
 #: ``config.json`` and checkpoint still loads, compares and resumes.
 LATER_KEYS = {("train", "modality_dropout"): 0.0, ("train", "ddp_timeout_min"): 30, ("train", "init_from"): None,
+              ("train", "modality_dropout_weight"): 1.0,
               ("data", "augment"): "auto"}
 
 

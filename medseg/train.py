@@ -50,12 +50,13 @@ from medseg.infer import autocast, predict_probs
 from medseg.labels import CHANNELS, REGIONS
 from medseg.losses import build_loss
 from medseg.metrics import case_metrics
-from medseg.models import network_from_spec, size_divisor, unet3d_outputs
+from medseg.models import missing_channels, network_from_spec, size_divisor, unet3d_outputs
 from medseg.transforms import IMAGE, LABEL, patch_augmentation, preprocessing, train_augmentation
 
 __all__ = ["FoldData", "fold_data", "train_fold", "lr_factor", "CHECKPOINT_DIR", "build_network",
            "build_criterion", "build_transforms", "build_optimizer", "deep_supervised", "cache_key",
-           "modality_dropout", "input_subsets", "initial_weights", "augment_on_device", "loader_workers",
+           "modality_dropout", "modality_dropout_weight", "scale_dropped_gradient", "input_subsets",
+           "initial_weights", "augment_on_device", "loader_workers",
            "prepare_store", "store_root", "DEFAULT_STORE"]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -152,6 +153,26 @@ def modality_dropout(cfg: dict) -> float:
                           "missing, which only training with modality dropout shows it: set "
                           "train.modality_dropout > 0 (e.g. 0.3), or drop model.args.missing_aware")
     return p
+
+
+def modality_dropout_weight(cfg: dict) -> float:
+    """``train.modality_dropout_weight``: the share of its gradient that a training
+    sample which lost a modality passes on (1: as much as a complete one; 1 in
+    configs written before it existed). Below 1 it keeps the complete-input
+    behaviour closer to a model trained without dropout."""
+    w = float(cfg["train"].get("modality_dropout_weight", 1.0))
+    if not 0.0 < w <= 1.0:
+        raise MedsegError(f"train.modality_dropout_weight={w}: expected a weight in (0, 1]")
+    return w
+
+
+def scale_dropped_gradient(out: torch.Tensor, x: torch.Tensor, weight: float) -> torch.Tensor:
+    """`out` (float32) with the gradient that flows back through sample b scaled by
+    `weight` where input `x[b]` lacks a modality (`missing_channels`); the values,
+    hence the loss, are unchanged, and so are complete samples' gradients."""
+    out = out.float()
+    sc = torch.where(missing_channels(x).any(1), weight, 1.0).view(-1, *[1] * (out.ndim - 1))
+    return out * sc + out.detach() * (1 - sc)
 
 
 def input_subsets(p: float) -> str:
@@ -503,6 +524,7 @@ def _train_epoch(model, loader, loss_fn, opt, sched, cfg, device, deep_sup, bar,
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     total, n = torch.zeros((), device=device), 0
     cuda = device.type == "cuda"
+    drop_w = modality_dropout_weight(cfg) if modality_dropout(cfg) > 0 else 1.0
     wait, t_start = 0.0, time.perf_counter()
     t_ask = t_start
     for batch in loader:
@@ -515,6 +537,8 @@ def _train_epoch(model, loader, loss_fn, opt, sched, cfg, device, deep_sup, bar,
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with autocast(device, tcfg["amp"], tcfg["amp_dtype"]):
             out = model(x)
+        if drop_w != 1.0:
+            out = scale_dropped_gradient(out, x, drop_w)
         # DynUNet in training mode: (B, 1 + heads, 3, ...) → list, full resolution first.
         preds = [o.float() for o in torch.unbind(out, 1)] if deep_sup else out.float()
         loss = loss_fn(preds, y)
@@ -605,6 +629,7 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
     tcfg = run_cfg["train"]
     _check_patch(cfg)
     modality_dropout(cfg)
+    modality_dropout_weight(cfg)
     ckpt_dir = out_dir / CHECKPOINT_DIR
     last = ckpt_dir / "last.pt"
     if last.exists() and not resume:

@@ -136,3 +136,36 @@ def test_missing_aware_needs_dropout_and_starts_from_a_plain_model(split, tmp_pa
     back = resolve_config("cpu", [*TINY_TRAIN, f"train.init_from={tmp_path / 'aware'}"])
     with pytest.raises(MedsegError, match="same network"):
         initial_weights(back, 0, dl)
+
+
+def test_dropped_samples_pass_on_a_share_of_their_gradient():
+    """`train.modality_dropout_weight`: the forward values (the loss) are those of
+    the network; the gradient through a sample that lacks a modality is scaled by
+    the weight, a complete sample's is untouched. Checked against per-sample
+    gradients computed without the scaling; and the key's range."""
+    from medseg.train import modality_dropout_weight, scale_dropped_gradient
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(4, 3, 3, padding=1)
+    x = _inputs((1, 2))                       # sample 0 lacks two modalities
+    target = torch.rand(2, 3, 16, 24, 16)
+
+    def grads(weight: float | None, sample: int | None = None):
+        net.zero_grad()
+        out = net(x)
+        if weight is not None:
+            out = scale_dropped_gradient(out, x, weight)
+        if sample is not None:
+            out = out[sample:sample + 1]
+        ((out - (target if sample is None else target[sample:sample + 1])) ** 2).sum().backward()
+        return net.weight.grad.clone(), out.detach()
+
+    g_scaled, v_scaled = grads(0.25)
+    _, v_plain = grads(None)
+    torch.testing.assert_close(v_scaled, v_plain)
+    g0, _ = grads(None, 0)
+    g1, _ = grads(None, 1)
+    torch.testing.assert_close(g_scaled, 0.25 * g0 + g1, rtol=1e-4, atol=1e-4)
+    assert modality_dropout_weight(resolve_config("cpu", [])) == 1.0
+    for bad in ("0", "1.5"):
+        with pytest.raises(MedsegError, match="modality_dropout_weight"):
+            modality_dropout_weight(resolve_config("cpu", [f"train.modality_dropout_weight={bad}"]))
