@@ -36,11 +36,15 @@ necrosis SCT 6574001, edema SCT 79654002, and enhancing tumour NCIt C113842
 necrotic and non-enhancing tumour core, one label since 2017, which a model
 cannot split: it is coded as necrosis, and its segment label gives the
 convention's own name (NCR/NET, NETC, non-enhancing tumour). The resection
-cavity (brats2024 label 4) is never predicted and has no segment.
+cavity (brats2024 label 4) is never predicted and has no segment. Its slice
+thickness and spacing between slices are the slice step measured from the
+positions, never the source's SliceThickness / SpacingBetweenSlices, which other
+writers (GDCM: SimpleITK, ITK) fill with 1 or the acquired thickness.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -388,6 +392,56 @@ def _descriptions(convention: str, algorithm):
         for i, (value, cls, label) in enumerate(seg_segments(convention), 1)]
 
 
+def _slice_spacing(series: DicomSeries) -> float:
+    """The distance (mm) between consecutive slices of `series`, measured from their
+    ImagePositionPatient along the slice normal (the headers are sorted along it)."""
+    iop = np.asarray(series.headers[0].ImageOrientationPatient, np.float64)
+    normal = np.cross(iop[:3], iop[3:])
+    depth = np.asarray([h.ImagePositionPatient for h in series.headers], np.float64) @ normal
+    return float((depth[-1] - depth[0]) / (len(depth) - 1))
+
+
+def _pixel_measures(series: DicomSeries):
+    """The Segmentation's pixel measures: the series' PixelSpacing, and a slice
+    thickness and spacing between slices both equal to the measured slice step.
+    The source's own SliceThickness / SpacingBetweenSlices are not trusted: writers
+    such as GDCM (SimpleITK, ITK) put 1 or the acquired thickness there, and a
+    reader that stacks the frames by that spacing (highdicom's `get_volume`) then
+    refuses the Segmentation or places it on a wrong grid. Thickness = step because
+    each mask voxel stands for the whole slab up to the next slice."""
+    import highdicom as hd
+    step = _slice_spacing(series)
+    return hd.PixelMeasuresSequence(pixel_spacing=[float(v) for v in series.headers[0].PixelSpacing],
+                                    slice_thickness=step, spacing_between_slices=step)
+
+
+def _seg_sources(series: DicomSeries, measures) -> list[Dataset]:
+    """Copies of the series' headers carrying `measures`: highdicom (0.28) replaces
+    the `pixel_measures` it is given by the first source image's whenever the pixel
+    spacing is the same, so the measured values must be in the sources as well.
+    The series' own headers are left as read."""
+    item = measures[0]
+    out = []
+    for h in series.headers:
+        h = copy.deepcopy(h)
+        h.SliceThickness, h.SpacingBetweenSlices = item.SliceThickness, item.SpacingBetweenSlices
+        out.append(h)
+    return out
+
+
+def _check_measures(seg: Dataset, measures, series: DicomSeries) -> None:
+    """The written pixel measures are the measured ones (a later highdicom could
+    again substitute the source's: then say so rather than write a wrong grid)."""
+    got = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    want = measures[0]
+    for attr in ("SpacingBetweenSlices", "SliceThickness"):
+        if not np.isclose(float(got.get(attr, np.nan)), float(want.get(attr)), rtol=1e-6):
+            raise MedsegError(f"internal error: the Segmentation of {series.folder} has {attr} "
+                              f"{got.get(attr)}, expected {want.get(attr)} mm (the slice step measured "
+                              "from ImagePositionPatient); the installed highdicom ignores the pixel "
+                              "measures medseg gives: report this with `pip show highdicom`")
+
+
 def write_seg(labels: np.ndarray, case: DicomCase, convention: str, target: str | Path,
               model: str, engine: str) -> Path:
     """`labels` (the mask in `convention` on the reference series' `(columns, rows,
@@ -414,17 +468,20 @@ def write_seg(labels: np.ndarray, case: DicomCase, convention: str, target: str 
         "medseg", codes.cid7162.ArtificialIntelligence, __version__,
         parameters={"model": model, "engine": engine, "label_convention": convention})
     number = ref.headers[0].get("SeriesNumber")
+    measures = _pixel_measures(ref)
     try:
         seg = hd.seg.Segmentation(
-            ref.headers, frames, hd.seg.SegmentationTypeValues.BINARY, _descriptions(convention, algorithm),
+            _seg_sources(ref, measures), frames, hd.seg.SegmentationTypeValues.BINARY,
+            _descriptions(convention, algorithm),
             hd.UID(), 1000 + int(number or 0), hd.UID(), 1, "medseg", "medseg", __version__, "0",
             content_label="TUMOUR", content_description=f"brain tumour sub-regions, {convention} labels",
-            series_description=f"medseg tumour segmentation ({model})"[:64],
+            series_description=f"medseg tumour segmentation ({model})"[:64], pixel_measures=measures,
             omit_empty_frames=bool(frames.any()))     # all empty: every frame, as highdicom would
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise DataError(f"{ref.folder}: no DICOM Segmentation could reference this series "
                         f"({type(exc).__name__}: {exc}); the NIfTI mask is written: use it, or fix the "
                         "series' DICOM attributes and run again") from None
+    _check_measures(seg, measures, ref)
     target = Path(target)
     with atomic_path(target) as tmp:
         seg.save_as(tmp)
