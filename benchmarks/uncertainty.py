@@ -26,8 +26,14 @@ voxel statistics (`medseg.uncertainty.STATISTICS`) and case scores
   and against `--tta` (`--from-json` with `--time-cases` re-times only).
 
 Prints tables and writes them as JSON (`--out`); `--write-calibration` stores the
-threshold as ``<run>/uncertainty.json``, where `medseg predict` and `medseg export`
-find it. Nothing is asserted.
+threshold, with the member count it was chosen with, as ``<run>/uncertainty.json``,
+where `medseg predict` and `medseg export` find it. When no threshold can be chosen
+(e.g. the score does not separate poor from good cases) the tables are still
+written, the calibration is not, and the script exits with status 2. Nothing is
+asserted.
+
+The prediction side (torch, MONAI) is imported where it is used, so the threshold
+and calibration functions import quickly (tests).
 """
 
 from __future__ import annotations
@@ -46,17 +52,17 @@ from sklearn.metrics import roc_auc_score
 
 from medseg.data.io import load_array, write_json
 from medseg.errors import MedsegError
-from medseg.evaluate import load_regions
-from medseg.infer import Predictor, predict_case, predict_case_uncertainty
 from medseg.labels import REGIONS
-from medseg.metrics import dice
-from medseg.predict import default_postprocessing
-from medseg.train import fold_data
 from medseg.uncertainty import (CALIBRATION, CASE_SCORE, DICE_LEVEL, SCORE, SCORES, STATISTIC,
-                                STATISTICS, case_score, choose_threshold, region_score)
+                                STATISTICS, case_score, check_calibration, choose_threshold,
+                                fold_thresholds, region_score)
 
 ZONES = ("brain", "near")
 BASELINE = "soft_dice_error"
+
+#: Members of the rows of an earlier --out that predates rows recording them: each
+#: case was predicted by its own fold's model with its 8 mirror flips.
+OOF_MEMBERS = 8
 
 
 def soft_dice_error(mask: np.ndarray, prob: np.ndarray) -> float:
@@ -77,6 +83,9 @@ def brain_mask(images: list[str]) -> np.ndarray:
 
 def oof_cases(run: Path, datalist: str, data_root: str, max_cases: int):
     """Yield (fold, case id, Predictor of that fold, images, channels, label file, convention)."""
+    from medseg.infer import Predictor
+    from medseg.predict import default_postprocessing
+    from medseg.train import fold_data
     post = default_postprocessing([run])
     folds = sorted(run.glob("fold_*/checkpoints/final.pt"))
     if not folds:
@@ -92,6 +101,8 @@ def oof_cases(run: Path, datalist: str, data_root: str, max_cases: int):
 
 def measure(args) -> dict:
     """Per-case scores and Dice, pooled voxel maps, for every out-of-fold case."""
+    from medseg.evaluate import load_regions
+    from medseg.metrics import dice
     rows, voxels = [], {(r, s): [] for r in REGIONS for s in STATISTICS}
     wrong = {(r, z): [] for r in REGIONS for z in ZONES}
     t0 = time.perf_counter()
@@ -101,7 +112,7 @@ def measure(args) -> dict:
         regions, _, _ = pred.regions(probs, ref)
         gt, _, _ = load_regions(label, conv)
         brain = brain_mask(images)
-        row = {"fold": k, "case": cid, "dice": {}, "scores": {}}
+        row = {"fold": k, "case": cid, "members": pred.members(), "dice": {}, "scores": {}}
         for i, r in enumerate(REGIONS):
             row["dice"][r] = dice(regions[i], gt[i])
             sc = {f"{s}/{m}": region_score(maps[s][i], regions[i], probs[i], m)
@@ -117,7 +128,7 @@ def measure(args) -> dict:
         rows.append(row)
         print(f"  fold {k} {cid}: Dice " + " ".join(f"{r} {row['dice'][r]:.3f}" for r in REGIONS),
               file=sys.stderr)
-    print(f"{len(rows)} out-of-fold cases predicted with 8 mirror members in "
+    print(f"{len(rows)} out-of-fold cases predicted with {rows_members(rows)} members each in "
           f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
     auroc = {}
     for r in REGIONS:
@@ -158,35 +169,67 @@ def mean_dice(row: dict) -> float:
     return float(np.mean([row["dice"][r] for r in REGIONS]))
 
 
+def rows_members(rows: list[dict]) -> int:
+    """The member count of every row (one threshold is for one count)."""
+    counts = sorted({int(r.get("members", OOF_MEMBERS)) for r in rows})
+    if len(counts) != 1:
+        raise MedsegError(f"rows predicted with {counts} members: one review threshold needs one "
+                          "member count; re-run the benchmark with one setting")
+    return counts[0]
+
+
 def thresholds(rows: list[dict], level: float) -> dict:
-    """In-sample threshold, and leave-one-fold-out flags (threshold from the other folds)."""
+    """In-sample threshold (`choose_threshold`, with the rows' member count), and
+    leave-one-fold-out flags (`fold_thresholds`: threshold from the other folds;
+    NaN figures when some fold's others have only poor or only good cases, or no
+    separating threshold). An error when no in-sample threshold can be chosen."""
     scores = np.array([score_of(r) for r in rows])
     dices = np.array([mean_dice(r) for r in rows])
     folds = np.array([r["fold"] for r in rows])
-    chosen = choose_threshold(scores, dices, level)
-    flagged = np.zeros(len(rows), bool)
+    members = rows_members(rows)
+    chosen = choose_threshold(scores, dices, level, members=members)
     poor = dices < level
     try:
-        for k in np.unique(folds):
-            t = choose_threshold(scores[folds != k], dices[folds != k], level)["threshold"]
-            flagged[folds == k] = scores[folds == k] >= t
-        chosen["lofo_sensitivity"] = float((flagged & poor).sum() / max(poor.sum(), 1))
-        chosen["lofo_specificity"] = float((~flagged & ~poor).sum() / max((~poor).sum(), 1))
-        chosen["lofo_flagged"] = int(flagged.sum())
-    except MedsegError as exc:      # some other-folds subset has only poor (or only good) cases
+        lofo = fold_thresholds(scores, dices, folds, level, members=members)
+        chosen.update(lofo_sensitivity=lofo["sensitivity"], lofo_specificity=lofo["specificity"],
+                      lofo_flagged=lofo["flagged_count"], lofo_thresholds=lofo["thresholds"])
+    except MedsegError as exc:
         print(f"leave-one-fold-out threshold not available: {exc}", file=sys.stderr)
         chosen.update(lofo_sensitivity=float("nan"), lofo_specificity=float("nan"), lofo_flagged=None)
     chosen["auroc_poor_cases"] = float(roc_auc_score(poor, scores))
     # For comparison: "poor" = any region below the level (the worst region decides).
     worst = np.array([min(r["dice"].values()) for r in rows])
-    alt = choose_threshold(scores, worst, level)
-    chosen["any_region"] = {**alt, "auroc_poor_cases": float(roc_auc_score(worst < level, scores))}
+    try:
+        alt = choose_threshold(scores, worst, level, members=members)
+        chosen["any_region"] = {**alt, "auroc_poor_cases": float(roc_auc_score(worst < level, scores))}
+    except MedsegError as exc:
+        chosen["any_region"] = {"error": str(exc)}
     return chosen
+
+
+def calibration(res: dict, run: str) -> dict:
+    """The ``uncertainty.json`` record of a benchmark result `res` (its "threshold"
+    from `thresholds`), validated by `check_calibration` as predict will read it."""
+    th = res["threshold"]
+    if "error" in th:
+        raise MedsegError(f"no review calibration written to {Path(run) / CALIBRATION}: {th['error']}")
+    cal = {"statistic": STATISTIC, "case_score": CASE_SCORE,
+           "threshold": th["threshold"], "level": th["level"], "youden_j": th["youden_j"],
+           "sensitivity": th["sensitivity"], "specificity": th["specificity"],
+           "lofo_sensitivity": th["lofo_sensitivity"], "lofo_specificity": th["lofo_specificity"],
+           "poor": th["poor"], "cases": th["cases"], "members": th["members"],
+           "chosen_on": f"{th['cases']} out-of-fold cases of {run}, each predicted by its own fold's "
+                        f"model with {th['members']} members (mirror flips; benchmarks/uncertainty.py)",
+           "spearman": {k: v for k, v in res["spearman"].items() if k.endswith(f"{STATISTIC}/{SCORE}")},
+           "auroc": {k: v for k, v in res["auroc"].items() if f"/{STATISTIC}/" in k}}
+    check_calibration(cal, f"the calibration for {Path(run) / CALIBRATION}")
+    return finite(cal)
 
 
 def timing(args) -> dict:
     """Seconds per case: plain, --tta, --uncertainty (median over cases)."""
     from medseg.data.discover import discover
+    from medseg.predict import default_postprocessing
     run = Path(args.run)
     ckpts = sorted(run.glob("fold_*/checkpoints/final.pt"))
     post = default_postprocessing([run])
@@ -206,6 +249,7 @@ def timing(args) -> dict:
 
 
 def _time_arms(ckpts, cases, tmp: Path, post: dict, conv: str) -> dict:
+    from medseg.infer import Predictor, predict_case, predict_case_uncertainty
     arms = {"plain": Predictor(ckpts, et_min_ml=post.get("et_min_ml", 0.0)),
             "tta": Predictor(ckpts, mirror=True, et_min_ml=post.get("et_min_ml", 0.0))}
     secs = {"plain": [], "tta": [], "uncertainty": []}
@@ -242,17 +286,7 @@ def report(res: dict) -> str:
         lines.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {np.mean(vals):.3f} |")
     lines.append("| wrong voxels | " + " | ".join(f"{au[f'{r}/wrong_fraction/{z}']:.2%}"
                                                   for r in REGIONS for z in ZONES) + " | |")
-    th = res["threshold"]
-    lines += ["", f"review threshold ({STATISTIC}, case score {CASE_SCORE}; poor = mean "
-              f"Dice < {th['level']}: {th['poor']} of {th['cases']} cases): {th['threshold']:.4f}; "
-              f"in-sample sensitivity {th['sensitivity']:.2f}, specificity {th['specificity']:.2f} "
-              f"(Youden's J {th['youden_j']:.2f}); threshold from the other folds: sensitivity "
-              f"{th['lofo_sensitivity']:.2f}, specificity {th['lofo_specificity']:.2f}; case-score "
-              f"AUROC for poor cases {th['auroc_poor_cases']:.3f}",
-              f"(if poor = any region's Dice < {th['level']}: {th['any_region']['poor']} cases, threshold "
-              f"{th['any_region']['threshold']:.4f}, sensitivity {th['any_region']['sensitivity']:.2f}, "
-              f"specificity {th['any_region']['specificity']:.2f}, AUROC "
-              f"{th['any_region']['auroc_poor_cases']:.3f})"]
+    lines += threshold_lines(res["threshold"])
     for name, t in res.get("timing", {}).items():
         s = t["seconds_per_case"]
         lines.append(f"seconds per case ({name}, {t['models']} model(s), {t['cases']} case(s), median): "
@@ -266,10 +300,30 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
+def threshold_lines(th: dict) -> list[str]:
+    """The report's lines on the review threshold (`thresholds`' result, or {"error"})."""
+    if "error" in th:
+        return ["", f"no review threshold: {th['error']}"]
+    lines = ["", f"review threshold ({STATISTIC}, case score {CASE_SCORE}, {th['members']} members; poor = "
+             f"mean Dice < {th['level']}: {th['poor']} of {th['cases']} cases): {th['threshold']:.4f}; "
+             f"in-sample sensitivity {th['sensitivity']:.2f}, specificity {th['specificity']:.2f} "
+             f"(Youden's J {th['youden_j']:.2f}); threshold from the other folds: sensitivity "
+             f"{th['lofo_sensitivity']:.2f}, specificity {th['lofo_specificity']:.2f}; case-score "
+             f"AUROC for poor cases {th['auroc_poor_cases']:.3f}"]
+    alt = th["any_region"]
+    lines.append(f"(if poor = any region's Dice < {th['level']}: "
+                 + (f"no threshold: {alt['error']})" if "error" in alt else
+                    f"{alt['poor']} cases, threshold {alt['threshold']:.4f}, sensitivity "
+                    f"{alt['sensitivity']:.2f}, specificity {alt['specificity']:.2f}, AUROC "
+                    f"{alt['auroc_poor_cases']:.3f})"))
+    return lines
+
+
 def finite(obj):
-    """NaN (e.g. Spearman of a constant column) → None, so the JSON is standard."""
+    """NaN (e.g. Spearman of a constant column) or ±inf → None, so the JSON is standard
+    (json.dumps would write NaN and Infinity)."""
     if isinstance(obj, float):
-        return None if np.isnan(obj) else obj
+        return obj if np.isfinite(obj) else None
     if isinstance(obj, dict):
         return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -277,7 +331,7 @@ def finite(obj):
     return obj
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True, help="cv folder (fold_*/checkpoints/final.pt)")
     ap.add_argument("--datalist", required=True)
@@ -293,7 +347,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/uncertainty_benchmark.json")
     ap.add_argument("--from-json", help="reuse the per-case rows and AUROCs of an earlier --out "
                     "(no prediction): recompute the tables and the threshold")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     t0 = time.perf_counter()
     if a.from_json:
         old = json.loads(Path(a.from_json).read_text())
@@ -303,7 +357,11 @@ def main() -> None:
     else:
         res = measure(a)
     res["spearman"] = case_tables(res["rows"])
-    res["threshold"] = thresholds(res["rows"], a.level)
+    try:
+        res["threshold"] = thresholds(res["rows"], a.level)
+    except MedsegError as exc:
+        # The measurements took long: keep them (--from-json can reuse them), write no threshold.
+        res["threshold"] = {"error": str(exc)}
     res["mean_dice_tta"] = {r: float(np.mean([row["dice"][r] for row in res["rows"]])) for r in REGIONS}
     if a.time_cases:
         res["timing"] = timing(a)
@@ -314,18 +372,15 @@ def main() -> None:
     write_json(finite(res), out)
     out.with_suffix(".md").write_text(text + "\n")
     if a.write_calibration:
-        th = res["threshold"]
-        cal = {"statistic": STATISTIC, "case_score": CASE_SCORE,
-               "threshold": th["threshold"], "level": th["level"], "youden_j": th["youden_j"],
-               "sensitivity": th["sensitivity"], "specificity": th["specificity"],
-               "lofo_sensitivity": th["lofo_sensitivity"], "lofo_specificity": th["lofo_specificity"],
-               "poor": th["poor"], "cases": th["cases"], "members": 8,
-               "chosen_on": f"{th['cases']} out-of-fold cases of {a.run}, each predicted by its own fold's "
-                            "model with 8 mirror-flip members (benchmarks/uncertainty.py)",
-               "spearman": {k: v for k, v in res["spearman"].items() if k.endswith(f"{STATISTIC}/{SCORE}")},
-               "auroc": {k: v for k, v in res["auroc"].items() if f"/{STATISTIC}/" in k}}
-        write_json(finite(cal), Path(a.run) / CALIBRATION)
-        print(f"review threshold written to {Path(a.run) / CALIBRATION}")
+        target = Path(a.run) / CALIBRATION
+        try:
+            cal = calibration(res, a.run)
+        except MedsegError as exc:
+            left = f"; the existing {target} is left as it was" if target.exists() else ""
+            print(f"error: {exc}{left}", file=sys.stderr)
+            sys.exit(2)
+        write_json(cal, target)
+        print(f"review threshold written to {target}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ from pathlib import Path
 from medseg import __version__
 from medseg.errors import MedsegError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "LAYOUT_NAMES"]
+
+#: The data layouts `medseg data synth` writes (medseg.data.discover.LAYOUTS).
+LAYOUT_NAMES = ("brats2021", "brats2023", "msd")
 
 
 def _progress(label: str):
@@ -118,6 +121,31 @@ def _cmd_preprocess(a) -> int:
     return 0
 
 
+def _cmd_verify(a) -> int:
+    """`medseg data verify`: the deep check (CRC-32 of every byte) of every entry of
+    the store(s) at --root, which training start skips; exit 1 when one is corrupt."""
+    from medseg.data.preprocessed import Store, find_stores, remove_entry, verify_store
+    bad = 0
+    for store in find_stores(a.root):
+        t0 = time.perf_counter()
+        problems = verify_store(store, a.jobs)
+        n = len(Store(store).case_ids())
+        corrupt = [(cid, why) for cid, why in problems if not why.startswith("stale")]
+        for cid, why in problems:
+            stale = why.startswith("stale")
+            fix = ("the next train/cv/`medseg data preprocess` rebuilds it" if stale else
+                   "removed: the next train/cv/`medseg data preprocess` rebuilds it" if a.remove_bad else
+                   "run again with --remove-bad, then `medseg data preprocess` (or the train/cv command) "
+                   "rebuilds it")
+            print(f"{'note' if stale else 'error'}: {store / cid}: case {cid}: {why}; {fix}", flush=True)
+            if a.remove_bad and not stale:
+                remove_entry(store, cid)
+        print(f"{store}: {n} entries verified in {time.perf_counter() - t0:.1f} s: {len(corrupt)} corrupt, "
+              f"{len(problems) - len(corrupt)} stale", flush=True)
+        bad += len(corrupt)
+    return 1 if bad and not a.remove_bad else 0
+
+
 def _cmd_demo(a) -> int:
     from medseg.demo import run_demo
     return run_demo(a.out, a.datalist, None if a.no_cv else a.run, a.set, print_fn=_say)
@@ -183,24 +211,11 @@ def _cmd_predict(a) -> int:
         _say(f"shard {shard[0]}/{shard[1]}: {len(cases)} of {n_all} cases")
     if a.review_threshold is not None and not a.uncertainty:
         raise MedsegError("--review-threshold flags cases by their uncertainty score: add --uncertainty")
-    if a.engine == "onnx":
-        from medseg.edge import edge_predict_all
-        if len(a.model) != 1 or not str(a.model[0]).endswith(".onnx"):
-            raise MedsegError("--engine onnx takes one .onnx file as --model (see `medseg export`)")
-        edge_predict_all(a.model[0], cases, a.out, root, a.convention, a.overwrite, print_fn=_say,
-                         min_component_ml=a.min_component_ml, et_min_ml=a.et_min_ml,
-                         viewer_files=a.viewer_files, mirror=a.tta, uncertainty=a.uncertainty,
-                         review_threshold=a.review_threshold, shard=shard)
-        return 0
-    from medseg.infer import Predictor
-    from medseg.predict import default_postprocessing, predict_all, resolve_checkpoints, review_threshold
-    et_min = a.et_min_ml if a.et_min_ml is not None else default_postprocessing(a.model).get("et_min_ml", 0.0)
-    predictor = Predictor(resolve_checkpoints(a.model), device=a.device, overlap=a.overlap,
-                          sw_batch_size=a.sw_batch_size, amp=False if a.no_amp else None,
-                          mirror=a.tta or a.uncertainty, min_component_ml=a.min_component_ml or 0.0,
-                          et_min_ml=et_min)
-    review = review_threshold(a.model, a.review_threshold, predictor.members(), _say) if a.uncertainty else None
-    predict_all(predictor, cases, a.out, root, a.convention, a.overwrite, a.probabilities, print_fn=_say,
+    from medseg.predict import open_engine, predict_all, review_threshold
+    engine = open_engine(a.model, a.engine, a.device, a.overlap, a.sw_batch_size, False if a.no_amp else None,
+                         a.tta or a.uncertainty, a.min_component_ml, a.et_min_ml)
+    review = review_threshold(engine, a.review_threshold, _say) if a.uncertainty else None
+    predict_all(engine, cases, a.out, root, a.convention, a.overwrite, a.probabilities, print_fn=_say,
                 viewer_files=a.viewer_files, uncertainty=a.uncertainty, review_threshold=review,
                 shard=shard)
     return 0
@@ -288,6 +303,12 @@ _ABOUT = {
                         "/data/BraTS2021 --out runs/brats2021_full/preprocessed\n"
                         "  medseg data preprocess ... --preset cpu --out /scratch/medseg  "
                         "# then: medseg train ... --cache-dir /scratch/medseg"),
+    "data verify": ("Read every byte of every entry of the preprocessed dataset(s) at --root and "
+                    "compare it with the CRC-32 written with it (training start only checks sizes, "
+                    "shapes and source files). Exit 1 when an entry is corrupt; stale entries (source "
+                    "files changed) are listed, and rebuilt by the next train/cv/preprocess.",
+                    "examples:\n  medseg data verify --root runs/brats2021_full          # a cv --out folder\n"
+                    "  medseg data verify --root /scratch/medseg --remove-bad   # a --cache-dir folder"),
     "data split": ("Write a seeded, patient-grouped K-fold datalist (MONAI Decathlon format).",
                    "example:\n  medseg data split --root /data/BraTS2021 --folds 5 --seed 0 "
                    "--out data_lists/brats2021.json"),
@@ -343,6 +364,10 @@ def _describe(parser: argparse.ArgumentParser, key: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Choices come from their definitions where those are light to import (labels):
+    # the layouts' module reads NIfTI, so their names are listed once here (a test
+    # holds them equal to medseg.data.discover.LAYOUTS).
+    from medseg.labels import CONVENTIONS
     p = argparse.ArgumentParser(prog="medseg")
     p.add_argument("--version", action="version", version=f"medseg {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -353,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = dsub.add_parser("synth", help="write a synthetic BraTS-like dataset")
     s.add_argument("--cases", type=int, required=True, help="number of labelled cases")
     s.add_argument("--out", required=True, help="new (or empty) output folder")
-    s.add_argument("--layout", choices=["brats2021", "brats2023", "msd"], default="brats2023")
+    s.add_argument("--layout", choices=list(LAYOUT_NAMES), default="brats2023")
     s.add_argument("--shape", type=int, nargs=3, default=[96, 96, 64], metavar=("X", "Y", "Z"),
                    help="grid over a 240x240x155 mm field of view (240 240 155 = BraTS 1 mm)")
     s.add_argument("--seed", type=int, default=0)
@@ -368,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
                               ("split", _cmd_split, "write a K-fold datalist")):
         c = dsub.add_parser(name, help=help_)
         c.add_argument("--root", required=True, help="data root (BraTS 2021, BraTS 2023+ or MSD Task01)")
-        c.add_argument("--convention", choices=["brats2021", "brats2023", "brats2024", "msd"],
+        c.add_argument("--convention", choices=list(CONVENTIONS),
                        help="label convention (default: detected from file names and label values)")
         c.add_argument("--jobs", type=int, default=None, help="reader threads (default: CPU count)")
         c.set_defaults(func=func)
@@ -392,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--jobs", type=int, default=None, help="processes (default: CPU count, at most 8)")
     pp.set_defaults(func=_cmd_preprocess)
     _describe(pp, "data preprocess")
+
+    vf = dsub.add_parser("verify", help="CRC-check every entry of a preprocessed dataset; exit 1 on corruption")
+    vf.add_argument("--root", required=True, help="a store (pp_*), a folder of stores (preprocess --out, "
+                    "train --cache-dir, cv's OUT/preprocessed) or a cv --out folder")
+    vf.add_argument("--jobs", type=int, default=None, help="reader threads (default: CPU count, at most 8)")
+    vf.add_argument("--remove-bad", action="store_true",
+                    help="delete corrupt entries, so the next preprocess/train/cv rebuilds them")
+    vf.set_defaults(func=_cmd_verify)
 
     t = sub.add_parser("train", help="train one fold (resumable; torchrun for several processes)")
     _experiment_args(t)
@@ -425,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--case-id", help="single case: output name (default: from the T1 file name; DICOM: "
                     "the folder holding the series folders)")
     pr.add_argument("--out", required=True, help="output folder (never inside the input folder)")
-    pr.add_argument("--convention", choices=["brats2021", "brats2023", "brats2024", "msd"],
+    pr.add_argument("--convention", choices=list(CONVENTIONS),
                     help="label values of the masks (default: the input's own: detected from its "
                     "layout or file names, or recorded in its datalist)")
     pr.add_argument("--overlap", type=float, help="sliding-window overlap (default: the checkpoint's)")
@@ -468,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pred", required=True, help="folder of <case_id>.nii.gz masks")
     ev.add_argument("--ref", required=True, help="data root with labels, or a folder of <case_id>.nii.gz")
     ev.add_argument("--out", required=True, help="folder for metrics.csv and summary.json")
-    ev.add_argument("--convention", choices=["brats2021", "brats2023", "brats2024", "msd"],
+    ev.add_argument("--convention", choices=list(CONVENTIONS),
                     help="label convention of both (default: detected from the reference data root)")
     _rules_arg(ev)
     ev.set_defaults(func=_cmd_evaluate)
@@ -494,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--images", required=True, help="the data folder the masks were predicted from")
     rp.add_argument("--ref", help="optional: data root with labels, or folder of reference masks")
     rp.add_argument("--out", required=True, help="folder for index.html and the PNGs")
-    rp.add_argument("--convention", choices=["brats2021", "brats2023", "brats2024", "msd"])
+    rp.add_argument("--convention", choices=list(CONVENTIONS))
     rp.set_defaults(func=_cmd_report)
 
     d = sub.add_parser("demo", help="synthetic data → check → split → 5-fold CV (cpu preset)")

@@ -32,7 +32,7 @@ from medseg.data.io import write_json
 from medseg.errors import MedsegError
 from medseg.evaluate import (evaluate_case, format_table, metric_rows, read_rows, rules_of,
                              summarize, write_rows)
-from medseg.infer import Predictor, predict_case
+from medseg.infer import Predictor
 from medseg.labels import REGIONS
 from medseg.scoring import DEFAULT_RULES, describe_rules, get_rules
 from medseg.train import CHECKPOINT_DIR, DEFAULT_STORE, fold_data, prepare_store, train_fold
@@ -155,7 +155,7 @@ def evaluate_fold(fold: int, datalist: str | Path, data_root: str | Path, fold_d
         # Written atomically: an existing mask newer than the checkpoint is complete.
         if not (target.exists() and target.stat().st_mtime >= stamp):
             images = case["image"] if isinstance(case["image"], list) else [case["image"]]
-            predict_case(predictor, images, data.convention, target, data.channels)
+            predictor.predict_case(images, target, data.convention, data.channels)
         rows += metric_rows(case["id"], evaluate_case(target, case["label"], data.convention, rules),
                             rules=rules, fold=fold)
     write_rows(rows, metrics_csv)

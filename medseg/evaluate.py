@@ -19,7 +19,8 @@ from typing import Iterable
 import numpy as np
 
 from medseg.data.discover import discover, resolve_convention
-from medseg.data.io import atomic_path, is_nifti, load_array, load_header, nifti_stem, write_json
+from medseg.data.io import (atomic_path, is_nifti, load_array, load_header, nifti_stem, same_grid,
+                            write_json)
 from medseg.errors import DataError, MedsegError
 from medseg.labels import CONVENTIONS, REGIONS, get_convention, labels_to_regions, validate_labels
 from medseg.metrics import score_case
@@ -63,7 +64,7 @@ def evaluate_case(pred: str | Path, ref: str | Path, convention: str,
     rule_set = get_rules(rules)
     p, p_aff, _ = load_regions(pred, convention)
     r, r_aff, spacing = load_regions(ref, convention)
-    if p.shape != r.shape or not np.allclose(p_aff, r_aff, atol=1e-3):
+    if not same_grid(p.shape[1:], p_aff, r.shape[1:], r_aff):
         raise DataError(f"{pred}: grid {p.shape[1:]} does not match the reference {ref} "
                         f"{r.shape[1:]} (or their affines differ); predictions must be written on "
                         "the reference image grid (medseg predict does this)")

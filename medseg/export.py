@@ -38,11 +38,12 @@ from medseg import __version__
 from medseg.data.io import atomic_path
 from medseg.data.synth import FOV_MM, render_case
 from medseg.errors import MedsegError
+from medseg.engine import ensemble_problem
 from medseg.infer import load_model
 from medseg.labels import CHANNELS, REGIONS, get_convention
 from medseg.metrics import dice
 from medseg.models import size_divisor
-from medseg.transforms import MISSING_FILL
+from medseg.pipeline import PipelineSpec, preprocess, read_case, zscore
 from medseg.uncertainty import CALIBRATION
 
 __all__ = ["LogitStack", "export_onnx", "verification_patch", "calibration_patches",
@@ -52,9 +53,10 @@ __all__ = ["LogitStack", "export_onnx", "verification_patch", "calibration_patch
 #: smallest mask Dice per region (INT8 rounds activations: judged on the masks).
 TOLERANCE = {"fp32": (1e-3, 0.99), "fp16": (2e-2, 0.98), "int8": (1.0, 0.90)}
 
-#: Metadata format. 2: logits per model (1 was averaged probabilities, which a
-#: runtime cannot blend as PyTorch does).
-FORMAT = "medseg-onnx-2"
+#: Metadata format. 3: the checkpoint's pipeline spec under ``pipeline`` (every
+#: preprocessing and inference value); 2: logits per model with the values as
+#: separate keys (still read); 1 was averaged probabilities.
+FORMAT = "medseg-onnx-3"
 
 
 class _Calibration:
@@ -71,14 +73,14 @@ def calibration_patches(data_root: str | Path, meta: dict, n_cases: int = 8) -> 
     """`(1, 4, *roi)` patches from the first `n_cases` cases of a data folder (e.g. the
     training data), through medseg's own preprocessing, centred on the brain box."""
     from medseg.data.discover import discover
-    from medseg.transforms import IMAGE, preprocessing
     ds = discover(data_root)
-    pre = preprocessing(ds.layout.channels, "brats2023", meta["spacing"], with_label=False)
-    roi = np.asarray(meta["roi"])
+    spec = PipelineSpec.from_meta(meta)
+    roi = np.asarray(spec.roi)
     out = []
     for case in ds.cases[:n_cases]:
-        files = [str(p) for p in case.images]
-        img = np.asarray(pre({IMAGE: files if len(files) > 1 else files[0]})[IMAGE], np.float32)
+        present = [ch for ch in ds.layout.channels if ch not in case.missing]
+        vol, ref = read_case(case.images, present, spec.missing_fill)
+        img, _, _ = preprocess(vol, ref.affine, spec, source=str(case.images[0]))
         patch = np.zeros((4, *roi), np.float32)
         lo = np.maximum((np.array(img.shape[1:]) - roi) // 2, 0)
         crop = img[(slice(None), *(slice(a, a + r) for a, r in zip(lo, roi)))]
@@ -148,11 +150,7 @@ def verification_patch(meta: dict, seed: int = 0) -> np.ndarray:
     sl = tuple(slice(a, a + r) for a, r in zip(lo, roi))
     crop = img[(slice(None), *sl)]
     patch[(slice(None), *tuple(slice(0, s) for s in crop.shape[1:]))] = crop
-    for ch in range(4):
-        m = patch[ch] != 0
-        if m.any():
-            patch[ch][m] = (patch[ch][m] - patch[ch][m].mean()) / (patch[ch][m].std() or 1.0)
-    return patch[None]
+    return zscore(patch)[None]
 
 
 def _agreement(a: np.ndarray, b: np.ndarray, min_voxels: int = 100) -> float:
@@ -191,43 +189,36 @@ def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
     out = Path(out)
     loaded = [load_model(p, "cpu") for p in checkpoints]
     models = [m.float().eval() for m, _ in loaded]
-    meta = loaded[0][1]
-    for (_, m), p in zip(loaded[1:], checkpoints[1:]):
-        if m["network"] != meta["network"] or m["spacing"] != meta["spacing"] or m["roi"] != meta["roi"]:
-            raise MedsegError(f"{p}: network/spacing/roi differ from {checkpoints[0]}; an "
-                              "ensemble needs identical models")
+    metas = [{**m, "pipeline": PipelineSpec.from_meta(m, str(p)).to_dict()}
+             for (_, m), p in zip(loaded, checkpoints)]
+    problem = ensemble_problem(metas, [str(p) for p in checkpoints])
+    if problem:
+        raise MedsegError(problem)
+    meta = metas[0]
+    spec = PipelineSpec.from_dict(meta["pipeline"]).replace(min_component_ml=min_component_ml, et_min_ml=et_min_ml)
     net = LogitStack(models).eval()
     x = torch.from_numpy(verification_patch(meta))
     if float(meta.get("modality_dropout", 0.0)) > 0:
         # a model that accepts missing modalities is also verified on a case without
         # two of them (a missing-aware network reads that from its input in the graph)
         blank = x.clone()
-        blank[:, [CHANNELS.index("t1ce"), CHANNELS.index("t2")]] = MISSING_FILL
+        blank[:, [CHANNELS.index("t1ce"), CHANNELS.index("t2")]] = spec.missing_fill
         x = torch.cat([x, blank])
     conv = get_convention(meta["label_convention"])
     info = {
         "format": FORMAT,
         "medseg_version": __version__,
-        "input": "(B, 4, D, H, W) float32: channels in 'channels' order, z-scored per channel "
-                 "over non-zero (brain) voxels after RAS + resampling to 'spacing' + crop to the "
-                 "non-zero box",
+        "input": "(B, 4, D, H, W) float32: the window of a case brought into the model's space as "
+                 "'pipeline' says (medseg.pipeline.preprocess)",
         "output": "(B, K, 3, D, H, W) float32 logits for 'regions' of each of the K = 'folds' "
                   "models",
+        "pipeline": spec.to_dict(),
         "channels": list(CHANNELS), "regions": list(REGIONS),
-        "normalization": meta["normalization"], "spacing": meta["spacing"], "roi": meta["roi"],
         "size_divisor": size_divisor(meta["network"]["name"], **meta["network"]["args"]),
-        "overlap": meta["infer"]["overlap"], "sw_batch_size": meta["infer"]["sw_batch_size"],
-        "blend": "gaussian-weighted mean of each model's window logits (MONAI "
-                 "SlidingWindowInferer, sigma 0.125 x roi), then sigmoid, then mean over models",
-        "threshold": meta["infer"]["threshold"],
         "label_convention": conv.name, "region_labels": conv.region_labels(),
         "labels_from_regions": "precedence ET > TC > WT: ET → et label; TC only → ncr label; "
                                "WT only → ed label",
         "label_values": {"ed": conv.ed, "ncr": conv.ncr, "et": conv.et},
-        "postprocessing": {"min_component_ml": min_component_ml, "et_min_ml": et_min_ml,
-                           "order": "threshold → components below min_component_ml removed per "
-                                    "region (26-connected) → ET below et_min_ml added to TC and WT "
-                                    "and removed from ET → labels"},
         "network": meta["network"], "folds": len(checkpoints),
         "modality_dropout": float(meta.get("modality_dropout", 0.0)),
         "input_subsets": meta.get("input_subsets", "all four: " + ", ".join(CHANNELS)),
@@ -264,7 +255,7 @@ def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
         with torch.no_grad():
             want = _probabilities(net(x).numpy())
         diff = float(np.abs(got - want).max())
-        thr = info["threshold"]
+        thr = spec.threshold
         d = {r: _agreement(got[:, i] > thr, want[:, i] > thr) for i, r in enumerate(REGIONS)}
         report = {"max_abs_diff": diff, "dice": d}
         max_diff, min_dice = TOLERANCE[precision]

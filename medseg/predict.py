@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from medseg.data.inputs import (InputCase, cases_from_input, check_modalities, dicom_seg_path,
+from medseg.data.cases import InputCase
+from medseg.data.inputs import (cases_from_input, check_modalities, dicom_seg_path,
                                 output_convention, run_batch, with_dicom)
 from medseg.data.io import load_header
 from medseg.errors import MedsegError
-from medseg.infer import Predictor, predict_case, predict_case_uncertainty
-from medseg.postprocess import describe_postprocessing
-from medseg.uncertainty import CALIBRATION, CASE_SCORE, STATISTIC
+from medseg.uncertainty import CALIBRATION, STATISTIC, check_calibration
 from medseg.viewer import viewer_paths, write_viewer_files
 from medseg.volumetry import VOLUMES_CSV, case_volumetry, write_batch_volumes
 
-__all__ = ["resolve_checkpoints", "default_postprocessing", "review_calibration", "review_threshold",
-           "predict_all", "predict_input"]
+if TYPE_CHECKING:
+    from medseg.engine import Engine
+
+__all__ = ["resolve_checkpoints", "default_postprocessing", "open_engine", "review_calibration",
+           "review_threshold", "predict_all", "predict_input"]
 
 
 def resolve_checkpoints(model: Sequence[str | Path]) -> list[Path]:
@@ -54,118 +56,153 @@ def default_postprocessing(model: Sequence[str | Path]) -> dict:
     return {}
 
 
-def review_calibration(model: Sequence[str | Path]) -> tuple[dict, Path] | None:
-    """The review threshold chosen on cross-validation (``uncertainty.json``, written by
-    ``benchmarks/uncertainty.py``) and its file, when `model` is one cv folder, one of
-    its fold folders or a fold's checkpoint; else None."""
-    if len(model) != 1:
-        return None
-    p = Path(model[0])
-    p = p if p.is_dir() else p.parent.parent          # fold_k/checkpoints/final.pt → fold_k
-    folders = [p, p.parent] if p.name.startswith("fold_") else [p]   # a cv fold: its cv folder too
-    path = next((f / CALIBRATION for f in folders if (f / CALIBRATION).is_file()), None)
+def open_engine(model: Sequence[str | Path], engine: str = "torch", device: str | None = None,
+                overlap: float | None = None, sw_batch_size: int | None = None, amp: bool | None = None,
+                mirror: bool = False, min_component_ml: float | None = None,
+                et_min_ml: float | None = None) -> "Engine":
+    """The engine for `--model`: ``torch`` (checkpoints, a train run or a cv folder,
+    whose ``postprocessing.json`` gives the default ``et_min_ml``) or ``onnx`` (one
+    exported file; torch is never imported). None values keep the model's spec."""
+    if engine == "onnx":
+        if len(model) != 1 or not str(model[0]).endswith(".onnx"):
+            raise MedsegError("--engine onnx takes one .onnx file as --model (see `medseg export`)")
+        if overlap is not None or sw_batch_size is not None or amp is not None or device is not None:
+            raise MedsegError("--overlap, --sw-batch-size, --no-amp and --device are torch-engine options; "
+                              "the ONNX engine runs the window settings recorded at export")
+        from medseg.edge import EdgePredictor
+        return EdgePredictor(model[0], min_component_ml=min_component_ml, et_min_ml=et_min_ml, mirror=mirror)
+    if engine != "torch":
+        raise MedsegError(f"--engine {engine!r}; expected 'torch' or 'onnx'")
+    from medseg.infer import Predictor
+    if et_min_ml is None:
+        et_min_ml = default_postprocessing(model).get("et_min_ml")
+    return Predictor(resolve_checkpoints(model), device=device, overlap=overlap, sw_batch_size=sw_batch_size,
+                     amp=amp, mirror=mirror, min_component_ml=min_component_ml, et_min_ml=et_min_ml)
+
+
+def review_calibration(model: Sequence[str | Path], onnx_meta: dict | None = None) -> tuple[dict, str] | None:
+    """The review threshold chosen on cross-validation and where it was found, checked
+    (`medseg.uncertainty.check_calibration`): for an ONNX model its metadata
+    (`onnx_meta`, copied at export); else the cv folder of the checkpoints of `model`
+    (``uncertainty.json``, written by ``benchmarks/uncertainty.py``; for one fold, its
+    fold folder or cv folder). None when there is none."""
+    if onnx_meta is not None:
+        cal = onnx_meta.get("uncertainty")
+        source = f"the model's metadata ({Path(model[0]).name})"
+        return (cal, source) if cal and check_calibration(cal, source) else None
+    folds = {p.parent.parent for p in resolve_checkpoints(model)}   # fold_k/checkpoints/final.pt → fold_k
+    places = sorted(folds) if len(folds) == 1 else []
+    places += sorted({f.parent for f in folds if f.name.startswith("fold_")})
+    path = next((f / CALIBRATION for f in places if (f / CALIBRATION).is_file()), None)
     if path is None:
         return None
     try:
         cal = json.loads(path.read_text())
-        float(cal["threshold"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise MedsegError(f"{path}: not a readable review calibration ({type(exc).__name__}: {exc}); "
-                          "re-run benchmarks/uncertainty.py --write-calibration, or pass "
-                          "--review-threshold") from None
-    if cal.get("statistic") != STATISTIC or cal.get("case_score") != CASE_SCORE:
-        raise MedsegError(f"{path}: threshold chosen for the {cal.get('statistic')!r} map and the "
-                          f"{cal.get('case_score')!r} score, but medseg scores cases with {STATISTIC!r} "
-                          f"and {CASE_SCORE!r}; re-run benchmarks/uncertainty.py --write-calibration, or pass "
-                          "--review-threshold")
-    return cal, path
+    except (OSError, ValueError) as exc:
+        raise MedsegError(f"{path}: not a readable review calibration ({type(exc).__name__}: {exc}); re-run "
+                          "benchmarks/uncertainty.py --write-calibration, or pass --review-threshold") from None
+    check_calibration(cal, str(path))
+    return cal, str(path)
 
 
-def review_threshold(model: Sequence[str | Path], override: float | None, members: int,
+def review_threshold(engine: "Engine", override: float | None,
                      print_fn: Callable[[str], None] = print) -> float | None:
     """The case score from which `medseg predict --uncertainty` flags a case for review:
-    `override` (``--review-threshold``), else the cv folder's calibration; None (no
+    `override` (``--review-threshold``), else the model's calibration
+    (`review_calibration`, checked by `medseg.uncertainty.check_calibration`); None (no
     flags) when there is neither. Says which, and when the calibration's member count
-    differs from this prediction's `members` (scores then run on another scale)."""
+    differs from this prediction's (scores then run on another scale)."""
     if override is not None:
+        if not 0 <= override < 1:     # also refuses nan and inf: a case score lies in [0, 1)
+            raise MedsegError(f"--review-threshold {override}: expected a number in [0, 1), the range of "
+                              "a case's uncertainty score")
         print_fn(f"review threshold {override:g} (--review-threshold)")
         return float(override)
-    found = review_calibration(model)
+    found = review_calibration(engine.sources, engine.meta if engine.engine == "onnx" else None)
     if found is None:
         print_fn("no review threshold: cases are scored but none is flagged (pass --review-threshold, "
                  f"or give a cv folder with {CALIBRATION}: benchmarks/uncertainty.py --write-calibration)")
         return None
-    cal, path = found
-    print_fn(f"review threshold {cal['threshold']:.4g} from {path} ({cal.get('chosen_on', 'cross-validation')})")
-    if cal.get("members") and int(cal["members"]) != members:
-        print_fn(f"note: chosen with {cal['members']} members per case, predicting with {members}: "
-                 "an ensemble's scores are not on the same scale (README: Uncertainty)")
-    return float(cal["threshold"])
+    cal, source = found
+    threshold, notes = check_calibration(cal, source, engine.members())
+    print_fn(f"review threshold {threshold:.4g} from {source} ({cal.get('chosen_on', 'cross-validation')})")
+    for note in notes:
+        print_fn(f"note: {note}")
+    return threshold
 
 
-def predict_all(predictor: Predictor, cases: list[InputCase], out_dir: str | Path,
+def _targets(case: InputCase, out_dir: Path, probabilities: bool, uncertainty: bool,
+             viewer_files: bool) -> list[Path]:
+    """A case's outputs: mask first, then probabilities, uncertainty, DICOM-SEG, viewer files."""
+    return ([out_dir / f"{case.case_id}.nii.gz"]
+            + ([out_dir / "probabilities" / f"{case.case_id}.nii.gz"] if probabilities else [])
+            + ([out_dir / f"{case.case_id}_uncertainty.nii.gz"] if uncertainty else [])
+            + dicom_seg_path(out_dir, case)
+            + (viewer_paths(out_dir, case.case_id) if viewer_files else []))
+
+
+def predict_all(engine: "Engine", cases: list[InputCase], out_dir: str | Path,
                 input_root: Path | None, convention: str | None = None, overwrite: bool = False,
                 probabilities: bool = False, print_fn: Callable[[str], None] = print,
                 viewer_files: bool = False, uncertainty: bool = False,
                 review_threshold: float | None = None, shard: tuple[int, int] | None = None) -> list[Path]:
-    """Predict every case into ``out_dir/<case_id>.nii.gz`` (`medseg.data.inputs.run_batch`:
-    inputs checked first, an interrupted batch continued), its volumetry into its
-    ``predictions.json`` record and ``volumes.csv``, and with `viewer_files` the
-    ITK-SNAP and Slicer label files beside it; with `uncertainty`,
-    ``<case_id>_uncertainty.nii.gz`` beside the mask and the case's ``uncertainty``
-    record (scores, review flag at `review_threshold`); returns the mask paths."""
+    """The one batch driver of both engines: every case → ``out_dir/<case_id>.nii.gz``
+    (`medseg.data.inputs.run_batch`: inputs checked first, an interrupted batch
+    continued, shards), its volumetry into ``predictions.json`` and ``volumes.csv``;
+    with `probabilities` the TC/WT/ET probabilities under ``probabilities/``; with
+    `viewer_files` the ITK-SNAP and Slicer label files; with `uncertainty`
+    ``<case_id>_uncertainty.nii.gz`` and the case's ``uncertainty`` record (review flag
+    at `review_threshold`, which the caller resolves with `review_threshold`); DICOM
+    input also gets a DICOM Segmentation. Returns the mask paths."""
     out_dir = Path(out_dir)
-    targets = [[out_dir / f"{c.case_id}.nii.gz"]
-               + ([out_dir / "probabilities" / f"{c.case_id}.nii.gz"] if probabilities else [])
-               + ([out_dir / f"{c.case_id}_uncertainty.nii.gz"] if uncertainty else [])
-               + dicom_seg_path(out_dir, c)
-               + (viewer_paths(out_dir, c.case_id) if viewer_files else [])
-               for c in cases]
-    check_modalities(cases, predictor.meta, ", ".join(predictor.checkpoints))
-    conv, why = output_convention(cases, convention, predictor.meta["label_convention"])
+    if uncertainty and engine.members() < 2:
+        raise MedsegError(f"--uncertainty needs at least 2 members per case, this prediction has "
+                          f"{engine.members()}: turn on mirror TTA (--tta) or give several fold models")
+    targets = [_targets(c, out_dir, probabilities, uncertainty, viewer_files) for c in cases]
+    check_modalities(cases, engine.meta, ", ".join(engine.sources))
+    conv, why = output_convention(cases, convention, engine.spec.label_convention)
     print_fn(f"labels: {conv} (from {why})")
-    post = describe_postprocessing(predictor.min_component_ml, predictor.et_min_ml)
-    run = {"label_convention": conv, "convention_source": why, "engine": "torch",
-           "model": predictor.checkpoints, "model_label_convention": predictor.meta["label_convention"],
-           "mirror_tta": predictor.mirror, "probabilities": probabilities, "postprocessing": post,
-           "min_component_ml": predictor.min_component_ml, "et_min_ml": predictor.et_min_ml,
-           "uncertainty": STATISTIC if uncertainty else None, "review_threshold": review_threshold}
+    post = engine.postprocessing()
+    run = {"label_convention": conv, "convention_source": why, "engine": engine.engine,
+           "model": engine.sources, "model_label_convention": engine.spec.label_convention,
+           "mirror_tta": engine.mirror, "members": engine.members(), "probabilities": probabilities,
+           "postprocessing": post, "min_component_ml": engine.spec.min_component_ml,
+           "et_min_ml": engine.spec.et_min_ml, "uncertainty": STATISTIC if uncertainty else None,
+           "review_threshold": review_threshold}
 
     def one(case: InputCase, outs: list[Path]) -> dict:
-        extra = {}
-        if uncertainty:
-            labels, extra["uncertainty"] = predict_case_uncertainty(
-                predictor, case.images, conv, outs[0], out_dir / f"{case.case_id}_uncertainty.nii.gz",
-                case.channels, outs[1] if probabilities else None, review_threshold)
-            if extra["uncertainty"]["review"]:
-                print_fn(f"{case.case_id}: review (uncertainty {extra['uncertainty']['case_score']:.4g} "
-                         f">= {review_threshold:.4g})")
-        else:
-            labels = predict_case(predictor, case.images, conv, outs[0], case.channels,
-                                  outs[1] if probabilities else None)
+        labels, extra = engine.predict_case(
+            case.images, outs[0], conv, case.channels, outs[1] if probabilities else None,
+            out_dir / f"{case.case_id}_uncertainty.nii.gz" if uncertainty else None, review_threshold)
+        if uncertainty and extra["uncertainty"]["review"]:
+            print_fn(f"{case.case_id}: review (uncertainty {extra['uncertainty']['case_score']:.4g} "
+                     f">= {review_threshold:.4g})")
         affine = load_header(outs[0]).affine        # the grid as viewers read the mask
         if viewer_files:
             write_viewer_files(labels, affine, conv, outs[-2:])
         return {"volumes": case_volumetry(labels, affine, conv, str(outs[0])), **extra}
 
-    described = f"{predictor.meta['network']['name']}, {len(predictor.checkpoints)} checkpoint(s)"
     res = run_batch(cases, out_dir, input_root, targets, overwrite, run,
-                    with_dicom(one, out_dir, conv, described, "torch"), print_fn, shard=shard)
+                    with_dicom(one, out_dir, conv, engine.describe(), engine.engine), print_fn, shard=shard)
+    skipped = f" ({res['skipped']} already there)" if res["skipped"] else ""
+    tta = f", mirror TTA ({engine.members()} members)" if engine.mirror else ""
+    print_fn(f"{res['predicted']} masks in {res['seconds']:.1f} s{skipped} with the {engine.engine} engine "
+             f"({engine.describe()}){tta}; labels {conv}; post-processing: {post}")
+    if uncertainty:
+        print_fn(f"uncertainty ({STATISTIC}): <case>_uncertainty.nii.gz; scores and review flags in "
+                 "predictions.json")
+    viewers = ("; viewer files: <case>.seg.nrrd (3D Slicer), <case>.itksnap.txt (ITK-SNAP)"
+               if viewer_files else "")
     if shard is None:       # a shard's volumes: in its manifest; the gathering run writes the CSV
         write_batch_volumes(out_dir, [(c.case_id, t[0]) for c, t in zip(cases, targets)], conv)
-    skipped = f" ({res['skipped']} already there)" if res["skipped"] else ""
-    if uncertainty:
-        print_fn(f"uncertainty ({STATISTIC}, {predictor.members()} members): <case>_uncertainty.nii.gz; "
-                 "scores and review flags in predictions.json")
-    print_fn(f"{res['predicted']} masks in {res['seconds']:.1f} s{skipped}; labels {conv}, "
-             f"{len(predictor.models)} model(s){', mirror TTA' if predictor.mirror else ''}; "
-             f"post-processing: {post}")
-    print_fn(f"volumes: {out_dir / VOLUMES_CSV}" + ("; viewer files: <case>.seg.nrrd (3D Slicer), "
-                                                    "<case>.itksnap.txt (ITK-SNAP)" if viewer_files else ""))
+        print_fn(f"volumes: {out_dir / VOLUMES_CSV}{viewers}")
+    else:
+        print_fn(f"volumes: in this shard's manifest; the run without --shard gathers them into "
+                 f"{out_dir / VOLUMES_CSV}{viewers}")
     return [t[0] for t in targets]
 
 
-def predict_input(predictor: Predictor, input: str | Path, out_dir: str | Path,
+def predict_input(predictor: "Engine", input: str | Path, out_dir: str | Path,
                   data_root: str | Path | None = None, convention: str | None = None,
                   overwrite: bool = False, probabilities: bool = False,
                   print_fn: Callable[[str], None] = print, viewer_files: bool = False) -> list[Path]:

@@ -47,6 +47,7 @@ from medseg.data.patches import Augmenter, EpochSampler, PatchDataset, VolumeDat
 from medseg.data.preprocessed import Store, ensure_store
 from medseg.errors import MedsegError
 from medseg.infer import autocast, predict_probs
+from medseg.pipeline import PipelineSpec
 from medseg.labels import CHANNELS, REGIONS
 from medseg.losses import build_loss
 from medseg.metrics import case_metrics
@@ -228,10 +229,20 @@ def initial_weights(cfg: dict, fold: int | None, datalist: Path) -> tuple[Path, 
     return path, weights
 
 
+def pipeline_spec(cfg: dict, convention: str) -> PipelineSpec:
+    """The experiment's `PipelineSpec`: preprocessing at ``data.spacing``, windows of
+    ``train.patch``, the ``infer`` values; written into every checkpoint."""
+    inf = cfg["infer"]
+    return PipelineSpec(spacing=tuple(cfg["data"]["spacing"]), roi=tuple(cfg["train"]["patch"]),
+                        label_convention=convention, overlap=float(inf["overlap"]),
+                        sw_batch_size=int(inf["sw_batch_size"]), blend=inf.get("blend", "gaussian"),
+                        threshold=float(inf["threshold"]))
+
+
 def build_transforms(cfg: dict, channels, convention: str, training: bool = True) -> Compose:
-    """Preprocessing (images in `channels` order, labels in `convention`) at the
-    experiment's spacing; with `training`, followed by patch sampling and augmentation."""
-    pre = preprocessing(channels, convention, cfg["data"]["spacing"])
+    """Preprocessing (images in `channels` order, labels in `convention`) by the
+    experiment's pipeline spec; with `training`, followed by patch sampling and augmentation."""
+    pre = preprocessing(channels, convention, pipeline_spec(cfg, convention))
     if not training:
         return pre
     aug = train_augmentation(cfg["train"]["patch"], *cfg["train"]["pos_neg"],
@@ -570,13 +581,13 @@ def validate(model: nn.Module, val_ds, cfg: dict, device: torch.device, dd: "Dis
     validation cases; mean Dice and HD95 per region at the training spacing. Under
     DDP each rank validates every world-th case and the rows are gathered."""
     inf, n_max = cfg["infer"], cfg["train"]["val_max_cases"]
+    spec = pipeline_spec(cfg, "brats2023")      # windows and blending; the data is preprocessed already
     dd = dd or Dist()
     rows = []
     n = len(val_ds) if not n_max else min(n_max, len(val_ds))
     for i in range(dd.rank, n, dd.world):
         item = val_ds[i]
-        probs = predict_probs([model], item[IMAGE], cfg["train"]["patch"], inf["overlap"],
-                              inf["sw_batch_size"], cfg["train"]["amp"], device=device,
+        probs = predict_probs([model], item[IMAGE], spec, cfg["train"]["amp"], device=device,
                               amp_dtype=cfg["train"]["amp_dtype"])
         ref = np.asarray(item[LABEL]) > 0.5
         rows.append(case_metrics(probs.numpy() > inf["threshold"], ref, cfg["data"]["spacing"]))
@@ -692,8 +703,7 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
         "network": {"name": net["name"], "args": dict(net["args"])},
         "channels": list(CHANNELS), "regions": list(REGIONS), "label_convention": data.convention,
         "spacing": list(cfg["data"]["spacing"]), "roi": list(tcfg["patch"]),
-        "normalization": "z-score per channel over non-zero (brain) voxels, after RAS + "
-                         "resampling to spacing + crop to the non-zero box",
+        "pipeline": pipeline_spec(cfg, data.convention).to_dict(),
         "infer": dict(cfg["infer"], amp=tcfg["amp"], amp_dtype=tcfg["amp_dtype"]),
         "medseg_version": __version__, "fold": fold, "datalist": str(data.datalist),
         "modality_dropout": modality_dropout(cfg), "input_subsets": input_subsets(modality_dropout(cfg)),

@@ -1,16 +1,18 @@
 """MONAI dictionary transforms, defined once for training, validation and prediction.
 
 Keys: ``image`` (the datalist's file list or 4D file) and ``label``. After
-`preprocessing`: ``image`` is `(4, X, Y, Z)` float32 in CHANNELS order (T1,
-T1ce, T2, FLAIR), RAS, at the target spacing, cropped to the brain's non-zero
-box and z-scored per channel over brain voxels; ``label`` is `(3, X, Y, Z)`
-float32 multi-hot TC/WT/ET.
+`preprocessing` (`PreprocessCased`: `medseg.pipeline.preprocess`, the code both
+prediction engines run): ``image`` is `(4, X, Y, Z)` float32 in CHANNELS order
+(T1, T1ce, T2, FLAIR), RAS, at the target spacing, cropped to the brain's
+non-zero box and z-scored per channel over brain voxels; ``label`` is
+`(3, X, Y, Z)` float32 multi-hot TC/WT/ET.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -18,17 +20,16 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
-    Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform,
-    NormalizeIntensityd, Orientationd, RandAdjustContrastd, RandCropByPosNegLabeld, RandFlipd,
-    RandGaussianNoised, RandomizableTransform, RandRotated, RandScaleIntensityd, RandShiftIntensityd, RandZoomd,
-    Spacingd, SpatialPadd,
+    Compose, MapTransform, RandAdjustContrastd, RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised,
+    RandomizableTransform, RandRotated, RandScaleIntensityd, RandShiftIntensityd, RandZoomd, SpatialPadd,
 )
 
-from medseg.errors import MedsegError
+from medseg.data.io import load_array
 from medseg.labels import CHANNELS, labels_to_regions
+from medseg.pipeline import PipelineSpec, preprocess, read_case
 
-__all__ = ["IMAGE", "LABEL", "NEGLIGIBLE", "MISSING_FILL", "ReorderChannelsd", "FillMissingChannelsd",
-           "RandModalityDropoutd", "LabelsToRegionsd", "ClearResamplingNoised", "RandRotateZoomd",
+__all__ = ["IMAGE", "LABEL", "MISSING_FILL", "PreprocessCased",
+           "RandModalityDropoutd", "LabelsToRegionsd", "RandRotateZoomd",
            "RandFlipAxesd", "RandScaleShiftd", "RandGammad", "RandNoised", "preprocessing", "train_augmentation", "patch_augmentation"]
 
 IMAGE, LABEL = "image", "label"
@@ -38,26 +39,6 @@ IMAGE, LABEL = "image", "label"
 # absent. medseg decodes DICOM itself (medseg.dicom): the notice is noise.
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
-
-
-class ReorderChannelsd(MapTransform):
-    """Reorder channels from the datalist's order (e.g. MSD: FLAIR, T1, T1ce, T2)
-    to medseg's CHANNELS order."""
-
-    def __init__(self, keys: KeysCollection, channels: Sequence[str]):
-        super().__init__(keys)
-        if sorted(channels) != sorted(CHANNELS):
-            raise MedsegError(f"datalist channels {list(channels)} are not a permutation of {list(CHANNELS)}")
-        self.order = [list(channels).index(c) for c in CHANNELS]
-
-    def __call__(self, data):
-        d = dict(data)
-        for key in self.key_iterator(d):
-            if d[key].shape[0] != len(self.order):
-                raise MedsegError(f"{key}: expected {len(self.order)} channels {list(CHANNELS)}, "
-                                  f"found shape {tuple(d[key].shape)}")
-            d[key] = d[key][self.order]
-        return d
 
 
 class LabelsToRegionsd(MapTransform):
@@ -78,55 +59,33 @@ class LabelsToRegionsd(MapTransform):
         return d
 
 
-#: Resampled voxels below this fraction of the channel's largest magnitude are set
-#: to 0. Why: interpolation leaves float noise (about 1e-5 of the signal) in the
-#: background; with "non-zero = brain" it would move the crop box and enter the
-#: z-score as brain voxels, so two correct resamplers (MONAI's and the torch-free
-#: edge runtime's) would disagree near the brain's edge.
-NEGLIGIBLE = 1e-4
+#: Value of a missing (or dropped) modality after z-scoring: 0, the channel's mean
+#: (the pipeline spec's default `missing_fill`).
+MISSING_FILL = PipelineSpec.__dataclass_fields__["missing_fill"].default
 
 
-class ClearResamplingNoised(MapTransform):
-    """Zero the voxels whose magnitude is below NEGLIGIBLE × the channel's maximum."""
+class PreprocessCased(MapTransform):
+    """Files → the model's space: `medseg.pipeline.preprocess` as a MONAI transform.
 
-    def __call__(self, data):
-        d = dict(data)
-        for key in self.key_iterator(d):
-            img = d[key]
-            peak = torch.as_tensor(img).abs().flatten(1).amax(1).view(-1, *[1] * (img.ndim - 1))
-            d[key] = img * (torch.as_tensor(img).abs() >= NEGLIGIBLE * peak)
-        return d
+    ``image``: up to four 3D files (modalities in `channels` order; a missing one is
+    filled as the spec says) or one 4D file → `(4, X, Y, Z)` float32 MetaTensor whose
+    affine is the preprocessed grid's; ``label`` (when `with_label`): a label-map
+    file → `(1, X, Y, Z)` float32 on the same grid (nearest neighbour)."""
 
-
-#: Value of a missing (or dropped) modality after z-scoring: 0, the channel's mean.
-MISSING_FILL = 0.0
-
-
-class FillMissingChannelsd(MapTransform):
-    """`(k, X, Y, Z)` images of the `present` modalities (in that order, 1 ≤ k < 4) →
-    `(4, X, Y, Z)` in CHANNELS order, the missing channels all MISSING_FILL. Zeros
-    stay zeros through the brain crop (which looks for any channel > 0) and the
-    z-score over non-zero voxels, so a missing channel reaches the network exactly
-    as `RandModalityDropoutd` showed it in training."""
-
-    def __init__(self, keys: KeysCollection, present: Sequence[str]):
-        super().__init__(keys)
-        unknown = [c for c in present if c not in CHANNELS]
-        if unknown or not present or len(set(present)) != len(present):
-            raise MedsegError(f"modalities {list(present)}: expected distinct names from {list(CHANNELS)}")
-        self.present = list(present)
+    def __init__(self, channels: Sequence[str], spec: PipelineSpec, with_label: bool = True):
+        super().__init__([IMAGE, LABEL] if with_label else [IMAGE])
+        self.channels, self.spec, self.with_label = list(channels), spec, with_label
 
     def __call__(self, data):
         d = dict(data)
-        for key in self.key_iterator(d):
-            img = d[key]
-            if img.shape[0] != len(self.present):
-                raise MedsegError(f"{key}: expected {len(self.present)} channels {self.present}, "
-                                  f"found shape {tuple(img.shape)}")
-            out = torch.full((len(CHANNELS), *img.shape[1:]), MISSING_FILL, dtype=torch.as_tensor(img).dtype)
-            for i, c in enumerate(self.present):
-                out[CHANNELS.index(c)] = torch.as_tensor(img[i])
-            d[key] = MetaTensor(out, meta=img.meta) if isinstance(img, MetaTensor) else out
+        files = d[IMAGE] if isinstance(d[IMAGE], (list, tuple)) else [d[IMAGE]]
+        vol, ref = read_case(files, self.channels, self.spec.missing_fill)
+        label = load_array(Path(d[LABEL]), dtype=np.float32) if self.with_label else None
+        x, lab, grid = preprocess(vol, ref.affine, self.spec, label, source=str(files[0]))
+        meta = {"affine": torch.as_tensor(grid.affine), "filename_or_obj": str(files[0])}
+        d[IMAGE] = MetaTensor(torch.from_numpy(x), meta=dict(meta))
+        if self.with_label:
+            d[LABEL] = MetaTensor(torch.from_numpy(np.rint(lab)[None].astype(np.float32)), meta=dict(meta))
         return d
 
 
@@ -135,7 +94,7 @@ class RandModalityDropoutd(RandomizableTransform, MapTransform):
     MISSING_FILL: one of the 14 non-empty subsets whose complement is non-empty
     (at least one modality always stays), each equally likely. Applied after the
     intensity augmentations, so a dropped channel is exactly the fill value, as a
-    missing modality is at prediction time (`FillMissingChannelsd`)."""
+    missing modality is at prediction time (`medseg.pipeline.fill_channels`)."""
 
     #: Every droppable subset of channel indices: non-empty, at least one kept.
     SUBSETS = [tuple(i for i in range(len(CHANNELS)) if m >> i & 1) for m in range(1, 2 ** len(CHANNELS) - 1)]
@@ -161,28 +120,18 @@ class RandModalityDropoutd(RandomizableTransform, MapTransform):
         return d
 
 
-def preprocessing(channels: Sequence[str], convention: str, spacing=(1.0, 1.0, 1.0),
+def preprocessing(channels: Sequence[str], convention: str, spec: PipelineSpec | Sequence[float],
                   with_label: bool = True) -> Compose:
-    """Load → channel-first → CHANNELS order → RAS → spacing → brain crop → z-score → regions.
+    """Files → the model's space (`PreprocessCased`) → (with `with_label`) TC/WT/ET regions.
 
-    `channels` names the image files' modalities in order; a subset of CHANNELS
-    (modalities missing at prediction time) is completed with MISSING_FILL channels."""
-    keys = [IMAGE, LABEL] if with_label else [IMAGE]
-    order = ReorderChannelsd(IMAGE, channels) if sorted(channels) == sorted(CHANNELS) \
-        else FillMissingChannelsd(IMAGE, channels)
-    steps = [
-        LoadImaged(keys, image_only=True),
-        EnsureChannelFirstd(keys),
-        order,
-        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd(keys, pixdim=tuple(spacing), mode=("bilinear", "nearest")[: len(keys)]),
-        ClearResamplingNoised(IMAGE),
-        CropForegroundd(keys, source_key=IMAGE, select_fn=lambda x: x > 0, allow_smaller=True),
-        NormalizeIntensityd(IMAGE, nonzero=True, channel_wise=True),
-    ]
+    `channels` names the image files' modalities in order (a subset of CHANNELS:
+    the missing ones are filled); `spec` is the model's `PipelineSpec`, or just a
+    spacing (the other preprocessing values at their defaults)."""
+    if not isinstance(spec, PipelineSpec):
+        spec = PipelineSpec(spacing=tuple(spec), roi=(1, 1, 1), label_convention=convention)
+    steps = [PreprocessCased(channels, spec, with_label)]
     if with_label:
         steps.append(LabelsToRegionsd(LABEL, convention))
-    steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=True))
     return Compose(steps)
 
 

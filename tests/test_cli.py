@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from medseg.cli import main
+from medseg.cli import build_parser, main
 
 
 def test_help_is_fast_and_imports_no_torch():
@@ -11,6 +11,17 @@ def test_help_is_fast_and_imports_no_torch():
             "bad = [m for m in ('torch', 'monai', 'nibabel', 'sklearn') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_choices_come_from_their_definitions():
+    from medseg.cli import LAYOUT_NAMES
+    from medseg.data.discover import LAYOUTS
+    from medseg.labels import CONVENTIONS
+    assert list(LAYOUT_NAMES) == list(LAYOUTS)
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    conv = next(a for a in sub["predict"]._actions if a.dest == "convention")
+    assert list(conv.choices) == list(CONVENTIONS)
 
 
 def test_python_dash_m_and_version():

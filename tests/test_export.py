@@ -14,15 +14,16 @@ import torch
 
 from medseg.cli import main
 from medseg.data.discover import discover
-from medseg.edge import EdgePredictor, read_metadata, resample_linear, window_starts
+from medseg.edge import EdgePredictor, read_metadata
 from medseg.errors import MedsegError
 from medseg.export import export_onnx
 from medseg.infer import Predictor
 from medseg.metrics import dice
 from medseg.models import build_model
+from medseg.pipeline import resample_linear, resampled_shape, window_starts
 from medseg.predict import resolve_checkpoints
 
-from conftest import reoriented_case, tiny_cv_run
+from conftest import oblique_case, reoriented_case, tiny_cv_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def test_every_registry_model_exports_with_parity(tmp_path, name, args, roi, dyn
     report = export_onnx([ck], tmp_path / "m.onnx", print_fn=lambda s: None)
     assert report["max_abs_diff"] < 1e-3
     meta = read_metadata(tmp_path / "m.onnx")
-    assert meta["network"]["name"] == name and meta["roi"] == list(roi)
+    assert meta["network"]["name"] == name and meta["pipeline"]["roi"] == list(roi)
     import onnxruntime as ort
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
@@ -120,17 +121,25 @@ def test_metadata_describes_the_model(exported):
     base, _ = exported
     meta = read_metadata(base / "m.onnx")
     assert meta["channels"] == ["t1", "t1ce", "t2", "flair"]
-    assert meta["spacing"] == [6, 6, 6] and meta["roi"] == [16, 16, 16] and meta["folds"] == 1
-    assert meta["label_convention"] == "brats2023" and meta["label_values"]["et"] == 3
+    spec = meta["pipeline"]
+    assert spec["spacing"] == [6, 6, 6] and spec["roi"] == [16, 16, 16] and meta["folds"] == 1
+    assert meta["label_convention"] == spec["label_convention"] == "brats2023" and meta["label_values"]["et"] == 3
     assert set(meta["cv_scores"]) == {"TC", "WT", "ET"}
-    assert "z-score" in meta["normalization"]
+    assert "z-score" in spec["normalization"]
+    # export copies the checkpoint's spec unchanged (post-processing: export's own options)
+    ckpt = torch.load(resolve_checkpoints([base / "run"])[0], weights_only=True)
+    assert {k: v for k, v in spec.items() if k not in ("min_component_ml", "et_min_ml")} == \
+        {k: v for k, v in ckpt["meta"]["pipeline"].items() if k not in ("min_component_ml", "et_min_ml")}
+    # no value is stored twice: the spec is the only place of the pipeline's values
+    assert not {"spacing", "roi", "overlap", "threshold", "normalization", "postprocessing"} & set(meta)
 
 
 @pytest.fixture(scope="module")
 def geometries(exported, tmp_path_factory):
     """Cases the model never saw, on grids unlike its training data's: a synthetic
     case at 2 mm (120×120×78), and tiny cases re-oriented to LPS, PIR, and with
-    every other slice dropped (12 mm thick slices, stored LPS)."""
+    every other slice dropped (12 mm thick slices, stored LPS), and oblique poses (the
+    same voxels under an affine rotated 15°/10°, 30°, and thick oblique slices)."""
     from medseg.data.synth import synthesize
     base = tmp_path_factory.mktemp("geometries")
     synthesize(base / "two_mm", 1, "brats2023", seed=7, shape=(120, 120, 78), geometry_variation=False)
@@ -140,15 +149,20 @@ def geometries(exported, tmp_path_factory):
                               ("thick_lps", ("L", "P", "S"), 2)):
         folder = reoriented_case(case, base / name / case.name, codes, zoom)
         out[name] = discover(folder.parent).cases[0].images
+    for name, angles, zoom in (("oblique_15_10", (15, 10, 0), 1), ("oblique_30", (0, 0, 30), 1),
+                               ("thick_oblique", (20, 0, 10), 2)):
+        folder = oblique_case(case, base / name / case.name, angles, zoom)
+        out[name] = discover(folder.parent).cases[0].images
     return out
 
 
 @pytest.mark.parametrize("post", [{}, {"min_component_ml": 2.0, "et_min_ml": 1e6}],
                          ids=["no-postprocessing", "components-and-et-relabelling"])
 def test_edge_masks_equal_pytorch_masks(exported, geometries, tmp_path, post):
-    # The two engines must give the same masks (Dice ≥ 0.999 per label) wherever
-    # the input's grid differs from the model's: resampled grid size, blending of
-    # logits and post-processing are the same computation in both.
+    # The two engines must give the same masks (Dice ≥ 0.9999 per label) wherever
+    # the input's grid differs from the model's, oblique included: reading,
+    # preprocessing, blending and post-processing are one implementation
+    # (medseg.pipeline, medseg.engine); only the window logits differ (~1e-6).
     base, _ = exported
     onnx = base / "m.onnx"
     if post:
@@ -157,7 +171,7 @@ def test_edge_masks_equal_pytorch_masks(exported, geometries, tmp_path, post):
                      "--min-component-ml", str(post["min_component_ml"]),
                      "--et-min-ml", str(post["et_min_ml"])]) == 0
     edge = EdgePredictor(onnx)
-    meta = read_metadata(onnx)["postprocessing"]
+    meta = read_metadata(onnx)["pipeline"]
     torch_pred = Predictor(resolve_checkpoints([base / "run"]), amp=False,
                            min_component_ml=meta["min_component_ml"], et_min_ml=meta["et_min_ml"])
     predicted = 0
@@ -168,16 +182,36 @@ def test_edge_masks_equal_pytorch_masks(exported, geometries, tmp_path, post):
         for label in (1, 2, 4):
             x, y = a == label, b == label
             if x.any() or y.any():
-                assert dice(x, y) >= 0.999, (name, label, dice(x, y), int(x.sum()), int(y.sum()))
+                assert dice(x, y) >= 0.9999, (name, label, dice(x, y), int(x.sum()), int(y.sum()))
         predicted += int((b > 0).sum())
         if post:
             assert not (a == 4).any()           # every ET relabelled as necrosis
     assert predicted > 1000, "the tiny model should predict tumour"
 
 
+def test_engines_agree_on_uncertainty_on_any_grid(exported, geometries):
+    """Mirror TTA members through both engines: probabilities, the uncertainty map and
+    the case score within 1e-4 on every grid, oblique and thick-slice included."""
+    from medseg.uncertainty import STATISTIC, uncertainty_record
+    base, _ = exported
+    edge = EdgePredictor(base / "m.onnx", mirror=True)
+    torch_pred = Predictor(resolve_checkpoints([base / "run"]), amp=False, mirror=True)
+    assert edge.members() == torch_pred.members() == 8
+    for name, images in geometries.items():
+        p_e, m_e, ref = edge.uncertainty(images)
+        p_t, m_t, _ = torch_pred.uncertainty(images)
+        assert np.abs(p_e - p_t).max() < 1e-4, name
+        assert np.abs(m_e[STATISTIC] - m_t[STATISTIC]).max() < 1e-4, name
+        assert m_t[STATISTIC].max() > 0.01, name            # the members do disagree somewhere
+        scores = []
+        for eng, p, m in ((edge, p_e, m_e), (torch_pred, p_t, m_t)):
+            regions, ml = eng.regions(p, ref)
+            scores.append(uncertainty_record(m[STATISTIC], regions, p, ml, None)["case_score"])
+        assert abs(scores[0] - scores[1]) < 1e-4, (name, scores)
+
+
 def test_resampled_grid_is_monais(tmp_path):
     # Grid sizes from the issue's examples, checked against MONAI's Spacingd itself.
-    from medseg.edge import resampled_shape
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Spacingd
     assert resampled_shape([155], [1.0], [2.5]) == [63]
     assert resampled_shape([28], [5.54], [1.0]) == [151]

@@ -8,6 +8,8 @@ PKG = Path(__file__).resolve().parents[1] / "medseg"
 # module (dotted, relative to medseg) → layer; a package prefix covers its modules.
 LAYERS = {
     "__init__": 0, "labels": 0, "config": 0, "errors": 0,
+    "data.io": 0.5,                 # reading and atomic writing, under the pipeline
+    "pipeline": 0.7,                # the pipeline spec and the one implementation of every step
     "data": 1, "transforms": 1, "models": 1, "losses": 1, "metrics": 1, "postprocess": 1,
     "scoring": 1,                   # rule sets as data; metrics interprets them without importing
     "uncertainty": 1,               # member statistics and case scores, torch-free, both engines
@@ -15,6 +17,7 @@ LAYERS = {
     "volumetry": 1.5, "viewer": 1.5,
     # The preprocessed dataset and its patch loader run the MONAI transforms of transforms.py.
     "data.preprocessed": 1.5, "data.patches": 1.5,
+    "engine": 1.8,                  # the predictor interface both engines implement (torch-free)
     "infer": 2,
     "train": 3, "evaluate": 3, "predict": 3, "export": 3, "edge": 2,
     "report": 4,                    # uses evaluate
@@ -32,8 +35,21 @@ def _layer(mod: str) -> int:
     raise AssertionError(f"module medseg.{mod} has no layer in tests/test_layers.py")
 
 
-def _imports(path: Path):
-    for node in ast.walk(ast.parse(path.read_text())):
+def _type_checking_nodes(tree) -> set[int]:
+    """ids of the import nodes under `if TYPE_CHECKING:` (annotations only, never run)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            out |= {id(n) for b in node.body for n in ast.walk(b)}
+    return out
+
+
+def _imports(path: Path, runtime_only: bool = False):
+    tree = ast.parse(path.read_text())
+    skip = _type_checking_nodes(tree) if runtime_only else set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module]
         elif isinstance(node, ast.Import):
@@ -66,3 +82,36 @@ def test_nothing_imports_cli():
     for path in PKG.rglob("*.py"):
         if path.name not in ("cli.py", "__main__.py"):
             assert "medseg.cli" not in path.read_text(), path
+
+
+def _module_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in PKG.rglob("*.py"):
+        mod = path.relative_to(PKG).with_suffix("").as_posix().replace("/", ".")
+        mod = mod.removesuffix(".__init__") if mod != "__init__" else mod
+        graph[mod] = {d for d in _imports(path, runtime_only=True) if d != "__version__"}
+    return graph
+
+
+def test_no_import_cycles_anywhere():
+    """No module reaches itself through imports, inside a package too (e.g. data/):
+    a depth-first search over every import (function-level imports included)."""
+    graph = _module_graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            if d not in graph:
+                continue
+            if state.get(d) == 1:
+                cycles.append(" -> ".join(stack[stack.index(d):] + [d]) if d in stack else f"{m} -> {d}")
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)

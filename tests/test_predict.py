@@ -284,10 +284,10 @@ def test_torch_engine_names_the_truncated_file_when_called_directly(trained, tmp
 
 
 def test_interrupted_batch_is_continued(trained, tmp_path, capsys, monkeypatch):
-    import medseg.predict as mp
+    from medseg.engine import Engine
     run, root = trained
     out = tmp_path / "masks"
-    real, calls = mp.predict_case, []
+    real, calls = Engine.predict_case, []
 
     def flaky(*a, **k):
         if len(calls) == 2:
@@ -295,14 +295,14 @@ def test_interrupted_batch_is_continued(trained, tmp_path, capsys, monkeypatch):
         calls.append(a[1])
         return real(*a, **k)
 
-    monkeypatch.setattr(mp, "predict_case", flaky)
+    monkeypatch.setattr(Engine, "predict_case", flaky)
     args = ["predict", "--model", str(run / "fold_0"), "--input", str(root), "--out", str(out)]
     assert main(args) == 130                       # Ctrl-C during the third case
     first = sorted(out.glob("*.nii.gz"))
     assert len(first) == 2
     assert json.loads((out / "predictions.json").read_text())["status"] == "running"
     stamps = {p: p.stat().st_mtime_ns for p in first}
-    monkeypatch.setattr(mp, "predict_case", real)
+    monkeypatch.setattr(Engine, "predict_case", real)
     capsys.readouterr()
     assert main(args) == 0
     said = capsys.readouterr().out

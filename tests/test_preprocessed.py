@@ -197,14 +197,20 @@ def test_killed_build_resumes_without_redoing_finished_cases(split, tmp_path):
     assert any(f"preprocessing {6 - len(finished)} of 6" in s for s in said), said
     after = _mtimes(store_dir)
     assert len(after) == 6 and all(after[k] == v for k, v in finished.items())
-    # the killed process's half-written entry (if it had one) is cleaned up
-    assert not [p for p in store_dir.iterdir() if p.name.startswith(".")]
+    # the killed process's half-written entry (if it had one) is cleaned up: no
+    # temporary, and one version folder per case, the one its entry points at
+    assert not [p for p in store_dir.iterdir() if p.name.startswith(".tmp")]
+    versions = sorted((store_dir / ".entries").iterdir())
+    assert versions == sorted((store_dir / k).resolve() for k in after)
     assert main(cmd[3:]) == 0                          # and the command itself finds nothing to do
     assert _mtimes(store_dir) == after
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "stale"])
 def test_corrupt_or_stale_entry_is_rebuilt(split, tmp_path, damage):
+    """Truncated, deleted and stale entries are found by the cheap check every
+    training start does; a flipped bit (same size) only by the deep one (CRC-32 of
+    every byte: `deep=True`, as `medseg data verify` does)."""
     data, cases, _, _ = _cases(split)
     store = ensure_store(cases, tmp_path / "pp", SPACING, data.channels, data.convention, jobs=1,
                          print_fn=quiet)
@@ -226,7 +232,7 @@ def test_corrupt_or_stale_entry_is_rebuilt(split, tmp_path, damage):
         os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
     said = []
     store = ensure_store(cases, tmp_path / "pp", SPACING, data.channels, data.convention, jobs=1,
-                         print_fn=said.append)
+                         print_fn=said.append, deep=damage == "flip")
     assert any(victim in s and "rebuilding" in s for s in said), said
     assert any("preprocessing 1 of 6" in s for s in said)
     after = _mtimes(store.path)

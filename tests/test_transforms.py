@@ -25,7 +25,7 @@ def test_same_case_in_two_layouts_preprocesses_identically(tmp_path):
     out = {}
     for layout in ("brats2023", "msd"):
         dl, items = _first(tmp_path, layout)
-        pre = preprocessing(dl["channels"], dl["label_convention"]["name"], spacing=(2.5, 2.5, 2.5))
+        pre = preprocessing(dl["channels"], dl["label_convention"]["name"], (2.5, 2.5, 2.5))
         out[layout] = [pre(it) for it in items]
     for a, b in zip(out["brats2023"], out["msd"]):
         assert a["image"].shape == b["image"].shape and a["image"].shape[0] == 4
@@ -36,7 +36,7 @@ def test_same_case_in_two_layouts_preprocesses_identically(tmp_path):
 
 def test_preprocessed_regions_and_normalisation(tmp_path):
     dl, items = _first(tmp_path, "brats2023")
-    pre = preprocessing(dl["channels"], "brats2023", spacing=(2.5, 2.5, 2.5))
+    pre = preprocessing(dl["channels"], "brats2023", (2.5, 2.5, 2.5))
     for it in items:
         d = pre(it)
         img, lab = d["image"], d["label"]

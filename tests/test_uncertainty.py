@@ -38,7 +38,7 @@ def stats_of(members, entropy=True) -> dict:
     ([0.7] * 8, 0.7, 0.0, H07, 0.0),                          # all members agree: no spread
     ([0.0, 1.0] * 4, 0.5, 0.5, 1.0, 1.0),                     # total disagreement
     ([0.2, 0.4, 0.6, 0.8], 0.5, np.sqrt(0.05), 1.0, None),    # deviations² .09 .01 .01 .09
-    ([0.5], 0.5, 0.0, 1.0, 0.0),                              # one member: entropy only
+    ([0.3, 0.7], 0.5, 0.2, 1.0, 1.0 - H07),                   # the fewest members: two
 ])
 def test_member_statistics_by_hand(values, mean, std, entropy, mi):
     got = stats_of([np.full((2, 3, 4), v, np.float32) for v in values])
@@ -91,14 +91,14 @@ def test_case_and_lesion_scores_by_hand():
 def test_review_threshold_by_youden_and_the_flag_follows_it():
     scores = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
     dice = [0.95, 0.90, 0.92, 0.70, 0.60, 0.85]      # poor (< 0.8): the 0.4 and 0.5 cases
-    got = choose_threshold(scores, dice)
+    got = choose_threshold(scores, dice, members=8)
     # ≥ 0.4 flags both poor cases and one of four good ones: J = 1 - 0.25, the best;
     # the threshold sits halfway to the next lower score.
     assert got["threshold"] == pytest.approx(0.35)
     assert got["youden_j"] == pytest.approx(0.75)
-    assert got["sensitivity"] == 1.0 and got["specificity"] == 0.75
+    assert got["sensitivity"] == 1.0 and got["specificity"] == 0.75 and got["members"] == 8
     with pytest.raises(MedsegError, match="both poor and good"):
-        choose_threshold(scores, [0.5] * 6)
+        choose_threshold(scores, [0.5] * 6, members=8)
     regions = np.zeros((3, 6, 6, 6), bool)
     regions[:, 2:4, 2:4, 2:4] = True
     u = np.full(regions.shape, 0.3, np.float32)
@@ -181,6 +181,17 @@ def test_uncertainty_probabilities_equal_plain_tta(model):
     probs, maps, _ = pred.uncertainty(case.images, statistics=STATISTICS)
     np.testing.assert_allclose(probs, plain, atol=1e-6)
     assert set(maps) == set(STATISTICS) and all(m.shape == plain.shape for m in maps.values())
+
+
+def test_one_member_is_an_error_on_both_engines(model):
+    # One model without mirror TTA is one member: no spread, a map of zeros and a
+    # score of 0 for every case. Both engines say so instead.
+    run, root, onnx = model
+    images = discover(root).cases[0].images
+    for pred in (Predictor(resolve_checkpoints([run]), mirror=False), EdgePredictor(onnx, mirror=False)):
+        assert pred.members() == 1
+        with pytest.raises(MedsegError, match=r"at least 2 members.*got 1.*mirror TTA"):
+            pred.uncertainty(images)
 
 
 def test_review_threshold_comes_from_cross_validation(model, tmp_path, capsys):

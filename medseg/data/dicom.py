@@ -56,8 +56,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from medseg import __version__
-from medseg.data.inputs import InputCase
-from medseg.data.io import atomic_path
+from medseg.data.cases import InputCase
+from medseg.data.io import atomic_path, same_grid
 from medseg.errors import DataError, MedsegError
 from medseg.labels import CHANNELS, CLASS_COLOURS, get_convention
 
@@ -76,9 +76,6 @@ MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 #: Multi-frame MR storage (Enhanced, Legacy Converted Enhanced): refused with a way out.
 _MULTI_FRAME_MR = ("1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4")
-
-#: Largest difference between the affines of a case's series (mm, as `case_headers`).
-AFFINE_TOL = 1e-3
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -334,7 +331,7 @@ def _check_case(series: Mapping[str, DicomSeries]) -> None:
         if pid != pid0:
             raise DataError(f"{s.folder}: PatientID {pid!r}, but {s0.folder} ({ch0}) has {pid0!r}; "
                             "the series of a case must come from one patient")
-        if s.shape != s0.shape or not np.allclose(s.affine, s0.affine, atol=AFFINE_TOL):
+        if not same_grid(s.shape, s.affine, s0.shape, s0.affine):
             raise DataError(
                 f"{s.folder}: grid {s.shape} of {_spacing(s)} mm voxels, first at LPS {_origin(s)} mm, "
                 f"does not match {s0.folder} ({ch0}: {s0.shape}, {_spacing(s0)} mm, {_origin(s0)}); "

@@ -10,42 +10,24 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from medseg.data.cases import InputCase
 from medseg.data.discover import LAYOUTS, discover
 from medseg.data.folds import load_datalist
-from medseg.data.io import is_nifti, load_array, load_header, nifti_stem, write_json
+from medseg.data.io import is_nifti, load_array, load_header, nifti_stem, same_grid, write_json
+from medseg.data.validate import constant_value, describe_blank
 from medseg.errors import DataError, MedsegError
 from medseg.labels import CHANNELS, get_convention
 
-if TYPE_CHECKING:
-    from medseg.data.dicom import DicomCase
 
 __all__ = ["InputCase", "cases_from_input", "single_case", "check_modalities", "output_convention", "write_manifest",
            "read_manifest", "parse_shard", "shard_cases", "SHARD_MANIFEST",
            "case_headers", "check_inputs", "run_batch", "MANIFEST", "dicom_seg_path", "with_dicom"]
-
-
-@dataclass
-class InputCase:
-    case_id: str
-    images: list[Path]
-    channels: list[str]
-    #: Label convention of the dataset the case comes from (None: its names do not
-    #: tell), and where that was read.
-    convention: str | None = None
-    convention_source: str = ""
-    #: DICOM input (`medseg.data.dicom`): the checked series; `images` are then their folders.
-    dicom: DicomCase | None = None
-
-    @property
-    def missing(self) -> list[str]:
-        """Modalities (CHANNELS names) the case has no file for."""
-        return [c for c in CHANNELS if c not in self.channels]
 
 
 def dicom_seg_path(out_dir: Path, case: InputCase) -> list[Path]:
@@ -159,12 +141,22 @@ def _convention_from_names(files: dict[str, Path]) -> str | None:
     return None
 
 
+def accepts_missing(meta: dict) -> bool:
+    """Whether a model (its checkpoint or ONNX metadata `meta`) was trained with
+    modality dropout, so it segments a case from any non-empty subset of modalities."""
+    return float(meta.get("modality_dropout", 0.0)) > 0
+
+
 def check_modalities(cases: Sequence[InputCase], meta: dict, model: str) -> dict[str, list[str]]:
     """{case id: missing modalities} of the cases that lack some; an error naming the
     first such case when the model (its checkpoint or ONNX metadata `meta`) was
-    trained without modality dropout."""
+    trained without modality dropout. Each case is told the model's rule
+    (`InputCase.accepts_missing`), so that `check_inputs`, which reads the voxels,
+    treats a blank modality file like a missing one."""
+    for c in cases:
+        c.accepts_missing, c.predicted_by = accepts_missing(meta), model
     missing = {c.case_id: c.missing for c in cases if c.missing}
-    if missing and not float(meta.get("modality_dropout", 0.0)) > 0:
+    if missing and not accepts_missing(meta):
         cid, miss = next(iter(missing.items()))
         raise MedsegError(
             f"case {cid} has no {', '.join(miss)} ({len(missing)} case(s) miss modalities); the model "
@@ -280,38 +272,171 @@ def _check_not_inside(out_dir: Path, cases: Sequence[InputCase], input_root: Pat
 MANIFEST = "predictions.json"
 
 
-def _finished(out_dir: Path, targets: Sequence[Sequence[Path]], overwrite: bool, run: dict) -> set[int]:
+def _changed_settings(run: dict, before: dict) -> list[tuple[str, object, object]]:
+    """(setting, value in `run`, value in `before`) for each setting of this run
+    that an earlier manifest's ``run`` records otherwise. Compared as JSON, the
+    form a manifest keeps (a tuple here is a list there)."""
+    here = json.loads(json.dumps(run))
+    return [(k, v, before.get(k)) for k, v in here.items() if before.get(k) != v]
+
+
+def _shard_manifests(out_dir: Path) -> list[Path]:
+    """The shard manifests (``predictions.shard-K-of-N.json``) in `out_dir`."""
+    return sorted(Path(out_dir).glob(SHARD_MANIFEST.format(k="*", n="*")))
+
+
+def _check_shard_settings(out_dir: Path, run: dict) -> None:
+    """The gathering run (no --shard) adopts every shard's masks and records its own
+    settings `run` for all of them, so every shard manifest in `out_dir` must record
+    the same settings: otherwise an error naming the manifest, each setting that
+    differs and the fix."""
+    for part in _shard_manifests(out_dir):
+        old = _read_json(part)
+        if not isinstance(old.get("run"), dict):
+            raise MedsegError(
+                f"{part}: unreadable or without the run settings of shard {part.name}, so the masks it "
+                f"lists cannot be gathered into {out_dir / MANIFEST}; re-run that shard with the options "
+                "of this run, or delete its masks and this file (this run then predicts them), or pass "
+                "--overwrite to predict the whole batch again")
+        changed = _changed_settings(run, old["run"])
+        if changed:
+            what = "; ".join(f"{k}: {here!r} in this run, {there!r} in the shard" for k, here, there in changed)
+            raise MedsegError(
+                f"{part}: this shard of the batch was predicted with other settings than this gathering "
+                f"run ({what}); its masks cannot be recorded in {MANIFEST} as this run's. Re-run that "
+                f"shard with the same options as this run (--shard {_shard_text(part)}), or delete the "
+                f"masks it lists and {part.name} (this run then predicts them), or pass --overwrite to "
+                "predict the whole batch again")
+
+
+def _remove_superseded_shards(out_dir: Path, masks: Sequence[Path], print_fn: Callable[[str], None]) -> None:
+    """After a complete --overwrite run of the whole batch: the shard manifests whose
+    masks it has all replaced are removed. They record settings no mask has any
+    more, and a later run would refuse to gather them (`_check_shard_settings`)."""
+    names = {Path(m).name for m in masks}
+    for part in _shard_manifests(out_dir):
+        listed = _read_json(part).get("masks")
+        if isinstance(listed, list) and set(listed) <= names:
+            part.unlink(missing_ok=True)
+            print_fn(f"removed {part.name}: --overwrite replaced every mask of that shard")
+
+
+def _shard_text(manifest: Path) -> str:
+    """``"K/N"`` of a shard manifest's name (``predictions.shard-K-of-N.json``)."""
+    parts = manifest.name.split(".")[1].split("-")      # ["shard", K, "of", N]
+    return f"{parts[1]}/{parts[3]}" if len(parts) == 4 else "K/N"
+
+
+def _finished(out_dir: Path, targets: Sequence[Sequence[Path]], overwrite: bool, run: dict,
+              shard: tuple[int, int] | None = None) -> set[int]:
     """Indices of cases whose outputs all exist from an earlier run of the same
-    settings (`run`, compared with ``predictions.json``): a re-run continues the
-    batch. Outputs of other settings are an error unless `overwrite`."""
+    settings (`run`, compared with ``predictions.json``, or for a `shard` with that
+    shard's own manifest when it has one): a re-run continues the batch. Outputs
+    of other settings are an error unless `overwrite`."""
     done = {i for i, ts in enumerate(targets) if all(t.exists() for t in ts)}
     some = [t for ts in targets for t in ts if t.exists()]
     if overwrite or not some:
         return set()
-    old = read_manifest(out_dir) or None
+    own = Path(out_dir) / SHARD_MANIFEST.format(k=shard[0], n=shard[1]) if shard else None
+    if own is not None and own.is_file():
+        # A shard continues only its own work: another shard's settings do not say
+        # how this one's masks were made (the gathering run compares them all).
+        old, source = _read_json(own) or None, own.name
+    else:
+        old, source = read_manifest(out_dir) or None, MANIFEST
     before = old.get("run", {}) if isinstance(old, dict) else {}
-    differ = [k for k, v in run.items() if old is None or before.get(k) != v]
-    if differ:
-        was = ", ".join(f"{k} was {before.get(k)!r}" for k in differ[:3])
-        why = (f"no {MANIFEST} there says which run wrote it" if old is None else
-               f"it was written with other settings ({was})")
+    changed = _changed_settings(run, before) if old is not None else []
+    if old is None or changed:
+        was = ", ".join(f"{k} was {there!r}, now {here!r}" for k, here, there in changed[:3])
+        why = (f"no {source} there says which run wrote it" if old is None else
+               f"{source} says it was written with other settings ({was})")
         raise MedsegError(f"{some[0]} already exists ({len(some)} outputs in {out_dir}) and {why}; "
-                          "pass --overwrite to replace them, or choose another --out")
+                          "pass --overwrite to replace them, re-run with the same options, or choose "
+                          "another --out")
     return done
 
 
-def check_inputs(cases: Sequence[InputCase], jobs: int | None = None) -> None:
+def _read_case(case: InputCase) -> list[tuple[str, Path, float]]:
+    """Read every file of `case` once (headers, grids and voxel data: a truncated
+    ``.nii.gz`` shows only when decoded) → its blank modalities (`constant_value`):
+    (channel, file or series folder, the value)."""
+    if case.dicom is not None:   # headers were checked when the case was made; the pixels here
+        vols = ((ch, s.folder, s.volume()) for ch, s in case.dicom.series.items())
+        return [(ch, f, v) for ch, f, vol in vols if (v := constant_value(vol)) is not None]
+    blank = []
+    for ch, path, head in zip(case.channels, case.images, case_headers(case.images)):
+        data = load_array(path, head)
+        if data.ndim == 4:       # one 4D file: its channels are `case.channels`, in order
+            blank += [(name, path, v) for i, name in enumerate(case.channels)
+                      if (v := constant_value(data[..., i])) is not None]
+        elif (v := constant_value(data)) is not None:
+            blank.append((ch, path, v))
+    return blank
+
+
+def _check_blank(case: InputCase, blank: list[tuple[str, Path, float]], n_cases: int) -> None:
+    """An error naming the first blank modality of `case` (`_read_case`) unless it
+    can be left out: its model was trained on all four modalities, or every
+    modality of the case is blank, or the blank one is a channel of a 4D file."""
+    ch, path, value = blank[0]
+    if not case.accepts_missing:
+        raise DataError(
+            f"{path}: the {ch} image of case {case.case_id} is {describe_blank(value)}, a blank "
+            f"modality ({n_cases} case(s) have one); the model {case.predicted_by} was trained on all "
+            "four modalities only (train.modality_dropout = 0): a blank channel it never saw in "
+            "training would give an unreliable mask. Replace the file with a correct "
+            f"{ch} image (re-export it), or use a model trained with modality dropout (medseg cv ... "
+            "--set train.modality_dropout=0.5), which predicts the case without that modality")
+    if len(blank) >= len(case.channels):
+        files = ", ".join(f"{p.name} ({c}) {describe_blank(v)}" for c, p, v in blank)
+        raise DataError(
+            f"case {case.case_id}: every modality is blank ({files}); expected at least one MRI "
+            "volume with varying intensities: re-export the files, or leave the case out")
+    if len(case.images) < len(case.channels):
+        raise DataError(
+            f"{path}: channel {ch} of this 4D image of case {case.case_id} is {describe_blank(value)}, "
+            "a blank modality; one channel of a 4D file cannot be left out. Split the file into one "
+            "3D file per modality and leave the blank one out (the model, trained with modality "
+            "dropout, predicts without it), or replace the channel with a correct image")
+
+
+def _drop_blank(case: InputCase, blank: list[tuple[str, Path, float]], print_fn: Callable[[str], None]) -> None:
+    """Predict `case` without its blank modalities, as if their files were missing
+    (its model accepts missing ones): they leave `case.channels` and `case.images`
+    (and its DICOM series), so the engines fill them as missing and the manifest
+    records them."""
+    gone = {ch for ch, _, _ in blank}
+    keep = [i for i, ch in enumerate(case.channels) if ch not in gone]
+    case.images = [case.images[i] for i in keep]
+    case.channels = [case.channels[i] for i in keep]
+    if case.dicom is not None:
+        case.dicom = replace(case.dicom, series={ch: s for ch, s in case.dicom.series.items() if ch not in gone})
+    for ch, path, value in blank:
+        print_fn(f"note: {path} ({ch} of case {case.case_id}) is {describe_blank(value)}: predicted "
+                 f"as a missing modality, which the model {case.predicted_by} was trained for")
+
+
+def check_inputs(cases: Sequence[InputCase], jobs: int | None = None,
+                 print_fn: Callable[[str], None] = print) -> dict[str, list[str]]:
     """Read every file of every case (headers, grids and voxel data: a truncated
     ``.nii.gz`` shows only when decoded) before any mask is written; the first
     problem is a `DataError` naming the file, what was expected and the fix.
-    Threads: gzip decoding releases the GIL."""
-    def one(case: InputCase) -> None:
-        if case.dicom is not None:       # read and checked when the case was made
-            return
-        for path, head in zip(case.images, case_headers(case.images)):
-            load_array(path, head)
+
+    A blank modality (every voxel one value, `medseg.data.validate.constant_value`,
+    the rule of `medseg data check`) is a missing one: a case whose model accepts
+    missing modalities (`check_modalities` said so) is predicted without it (the
+    case is changed in place, a note printed); for a model trained on all four it
+    is an error, like a missing file. Cases no model was checked for are only read.
+    Returns {case id: blank modalities left out}. Threads: gzip decoding releases
+    the GIL."""
     with ThreadPoolExecutor(max_workers=jobs or min(4, os.cpu_count() or 1)) as pool:
-        list(pool.map(one, cases))
+        found = [(c, b) for c, b in zip(cases, pool.map(_read_case, cases)) if b]
+    found = [(c, b) for c, b in found if c.accepts_missing is not None]
+    for case, blank in found:          # every case first: a refusal changes none of them
+        _check_blank(case, blank, len(found))
+    for case, blank in found:
+        _drop_blank(case, blank, print_fn)
+    return {case.case_id: [ch for ch, _, _ in blank] for case, blank in found}
 
 
 def run_batch(cases: Sequence[InputCase], out_dir: Path, input_root: Path | None,
@@ -327,21 +452,31 @@ def run_batch(cases: Sequence[InputCase], out_dir: Path, input_root: Path | None
     in the manifest's ``cases``, kept for skipped cases. With `shard` (K, N) the
     cases are shard K's (`shard_cases`) and its manifest is its own file; a later
     run without --shard finds every mask there and writes ``predictions.json``
-    for the whole batch. Returns {"predicted": n, "skipped": n, "seconds": s}."""
+    for the whole batch, after checking that every shard recorded its settings
+    `run` (`_check_shard_settings`). A blank modality file is a missing one
+    (`check_inputs`). Returns {"predicted": n, "skipped": n, "seconds": s}."""
     out_dir = Path(out_dir)
     _check_not_inside(out_dir, cases, input_root)
-    done = _finished(out_dir, targets, overwrite, run)
+    if shard is None and not overwrite:
+        _check_shard_settings(out_dir, run)
+    done = _finished(out_dir, targets, overwrite, run, shard)
     todo = [i for i in range(len(cases)) if i not in done]
     if done:
         print_fn(f"continuing {out_dir}: {len(done)} of {len(cases)} cases already predicted with the "
                  f"same settings, {len(todo)} to go")
     t0 = time.perf_counter()
-    check_inputs([cases[i] for i in todo])
+    check_inputs([cases[i] for i in todo], print_fn=print_fn)
     if todo:
         print_fn(f"checked {len(todo)} case(s) in {time.perf_counter() - t0:.1f} s")
     masks = [ts[0] for ts in targets]
+    before = read_manifest(out_dir) if done else {}
     missing = {c.case_id: c.missing for c in cases if c.missing}
-    old = read_manifest(out_dir).get("cases", {}) if done else {}
+    # A finished case is not read again, so a blank file it was predicted without
+    # is known only from the earlier manifest.
+    old_missing = before.get("missing_modalities", {})
+    missing.update({cases[i].case_id: old_missing[cases[i].case_id] for i in sorted(done)
+                    if cases[i].case_id in old_missing})
+    old = before.get("cases", {})
     records = {cases[i].case_id: old[cases[i].case_id] for i in sorted(done) if cases[i].case_id in old}
     name = SHARD_MANIFEST.format(k=shard[0], n=shard[1]) if shard else None
     write_manifest(out_dir, masks, status="running", run=run, missing=missing, cases=records, name=name)
@@ -357,6 +492,8 @@ def run_batch(cases: Sequence[InputCase], out_dir: Path, input_root: Path | None
         print_fn(f"[{n}/{len(todo)}] {cases[i].case_id} → {masks[i]} ({time.perf_counter() - t:.1f} s{without})")
     seconds = time.perf_counter() - t0
     write_manifest(out_dir, masks, status="complete", run=run, missing=missing, cases=records, name=name)
+    if shard is None and overwrite:
+        _remove_superseded_shards(out_dir, masks, print_fn)
     return {"predicted": len(todo), "skipped": len(done), "seconds": seconds}
 
 
@@ -365,7 +502,7 @@ def case_headers(images: Sequence[Path]) -> list:
     file with 4 channels; otherwise a `DataError` naming the file and the fix."""
     heads = [load_header(p) for p in images]   # readable NIfTI, else a DataError naming it
     for p, h in zip(images[1:], heads[1:]):
-        if h.shape[:3] != heads[0].shape[:3] or not np.allclose(h.affine, heads[0].affine, atol=1e-3):
+        if not same_grid(h.shape, h.affine, heads[0].shape, heads[0].affine):
             raise DataError(f"{p}: grid {h.shape[:3]} does not match {images[0].name} "
                             f"{heads[0].shape[:3]} (shape or affine differ); all modalities of a "
                             "case must be co-registered on one grid: resample this file onto it")

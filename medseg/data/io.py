@@ -25,6 +25,8 @@ from medseg.labels import get_convention
 
 __all__ = [
     "NIFTI_SUFFIXES",
+    "AFFINE_TOL",
+    "same_grid",
     "is_nifti",
     "nifti_stem",
     "load_header",
@@ -41,6 +43,19 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Errors nibabel raises for truncated, corrupt or foreign files.
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
                 nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError)
+
+
+#: Largest difference between two affines' entries for "the same grid" (mm for the
+#: translation, unitless for the rotation and scale part): 1e-3 mm is far below any
+#: voxel size, yet above the float32 rounding of headers written by other tools.
+AFFINE_TOL = 1e-3
+
+
+def same_grid(shape_a, affine_a, shape_b, affine_b, tol: float = AFFINE_TOL) -> bool:
+    """The one rule for "two images lie on the same grid": equal 3D shapes, and
+    affines equal within `tol` (absolute, entry by entry)."""
+    return (tuple(shape_a)[:3] == tuple(shape_b)[:3]
+            and bool(np.allclose(np.asarray(affine_a), np.asarray(affine_b), rtol=0, atol=tol)))
 
 
 def is_nifti(path: Path) -> bool:

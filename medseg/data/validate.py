@@ -2,10 +2,11 @@
 
 `check_dataset` reads each file once (in threads) and returns `Finding`s:
 errors (missing modality, unreadable or truncated file, wrong dimensionality,
-shape or affine mismatch, non-finite values, all-zero modality, label values
-outside the convention, duplicate case ids) and warnings (non-1 mm spacing,
-non-RAS orientation, which medseg handles by resampling and reorienting). It
-never writes under the data root.
+shape or affine mismatch, non-finite values, a blank modality (all zero or any
+other constant, `constant_value`), label values outside the convention,
+duplicate case ids) and warnings (non-1 mm spacing, non-RAS orientation, which
+medseg handles by resampling and reorienting). It never writes under the data
+root.
 """
 
 from __future__ import annotations
@@ -21,15 +22,12 @@ import numpy as np
 
 from medseg.data.discover import Case, Dataset, LabelScan, detect_convention, discover, \
     likely_convention
-from medseg.data.io import load_array, load_header
+from medseg.data.io import AFFINE_TOL, load_array, load_header, same_grid
 from medseg.errors import DataError, LabelError
 from medseg.labels import LabelConvention, get_convention, validate_labels
 
-__all__ = ["Finding", "CheckReport", "check_case", "check_dataset"]
+__all__ = ["Finding", "CheckReport", "check_case", "check_dataset", "constant_value", "describe_blank"]
 
-#: Largest allowed difference between the affines of one case's files (mm, or
-#: unitless for the rotation part): 1e-3 mm is far below any voxel size.
-AFFINE_TOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -64,6 +62,34 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+
+def constant_value(data: np.ndarray) -> float | None:
+    """The one value every finite voxel of `data` has, or None when they vary.
+
+    This is the single rule of a *blank* modality (all zero, or any other constant:
+    what a failed export or a placeholder file leaves): `medseg data check` reports
+    it as an error and prediction treats it as a missing modality
+    (`medseg.data.inputs.check_inputs`). NaN/inf voxels are ignored (reported on
+    their own); a volume without any finite voxel is blank too (nan).
+    """
+    flat = np.asarray(data).ravel()
+    if flat.size == 0:
+        return float("nan")
+    lo, hi = flat.min(), flat.max()
+    if np.isfinite(lo) and np.isfinite(hi):       # the usual case: two reductions, no copy
+        return float(lo) if lo == hi else None
+    finite = flat[np.isfinite(flat)]
+    if finite.size == 0:
+        return float("nan")
+    return float(finite[0]) if finite.min() == finite.max() else None
+
+
+def describe_blank(value: float) -> str:
+    """How a blank volume of `value` (`constant_value`) is described in messages."""
+    if np.isnan(value):
+        return "without a single finite voxel (all NaN or infinite)"
+    return "all zero" if value == 0 else f"constant (every voxel is {value:g})"
 
 
 def _reason(exc: Exception, path: Path) -> str:
@@ -122,7 +148,7 @@ def check_case(case: Case, dataset: Dataset, convention: LabelConvention | None,
             if spatial != ref[1]:
                 err(path, f"shape {spatial} differs from {ref[0].name} {ref[1]}; all modalities and "
                           "the label must share one grid: resample (labels nearest-neighbour) onto it")
-            elif not np.allclose(affine, ref[2], rtol=0, atol=affine_tol):
+            elif not same_grid(spatial, affine, ref[1], ref[2], affine_tol):
                 diff = float(np.abs(affine - ref[2]).max())
                 err(path, f"affine differs from {ref[0].name} by up to {diff:.4g} (tolerance "
                           f"{affine_tol}); the files are not on the same grid: register/resample "
@@ -147,9 +173,11 @@ def check_case(case: Case, dataset: Dataset, convention: LabelConvention | None,
         chans = [data] if data.ndim == 3 else [data[..., i] for i in range(data.shape[3])]
         names = [None] if data.ndim == 3 else list(dataset.layout.channels)
         for ch, name in zip(chans, names):
-            if not np.any(ch[np.isfinite(ch)]):
-                err(path, f"{'channel ' + name + ' is' if name else 'image is'} all zero; a blank "
-                          "modality usually means a failed export: re-export it")
+            value = constant_value(ch)
+            if value is not None:       # all zero or any other constant: no image content
+                err(path, f"{'channel ' + name + ' is' if name else 'image is'} {describe_blank(value)}; "
+                          "expected an MRI volume with varying intensities (a blank modality usually "
+                          "means a failed export): re-export it")
         zooms = np.array(img.header.get_zooms()[:3], float)
         if not np.allclose(zooms, 1.0, atol=0.01):
             warn(path, f"voxel spacing {tuple(round(float(z), 3) for z in zooms)} mm, not 1 mm; "
