@@ -20,8 +20,8 @@ voxel statistics (`medseg.uncertainty.STATISTICS`) and case scores
 - the review threshold of medseg's statistic and score (`choose_threshold`:
   Youden's J for mean Dice < 0.8), in-sample and with the threshold chosen on
   the other folds (leave-one-fold-out: an honest sensitivity/specificity);
-- seconds per case added by `--uncertainty`: `predict_case` vs
-  `predict_case_uncertainty` with the fold ensemble on demo cases and with one
+- seconds per case added by `--uncertainty`: `Predictor.predict_case` without and
+  with an uncertainty target, with the fold ensemble on demo cases and with one
   checkpoint on BraTS-size cases (240×240×155, 1 mm), against plain prediction
   and against `--tta` (`--from-json` with `--time-cases` re-times only).
 
@@ -109,7 +109,7 @@ def measure(args) -> dict:
     for k, cid, pred, images, channels, label, conv in oof_cases(Path(args.run), args.datalist,
                                                                 args.data_root, args.max_cases):
         probs, maps, ref = pred.uncertainty(images, channels, STATISTICS)
-        regions, _, _ = pred.regions(probs, ref)
+        regions, _ = pred.regions(probs, ref)
         gt, _, _ = load_regions(label, conv)
         brain = brain_mask(images)
         row = {"fold": k, "case": cid, "members": pred.members(), "dice": {}, "scores": {}}
@@ -249,7 +249,7 @@ def timing(args) -> dict:
 
 
 def _time_arms(ckpts, cases, tmp: Path, post: dict, conv: str) -> dict:
-    from medseg.infer import Predictor, predict_case, predict_case_uncertainty
+    from medseg.infer import Predictor
     arms = {"plain": Predictor(ckpts, et_min_ml=post.get("et_min_ml", 0.0)),
             "tta": Predictor(ckpts, mirror=True, et_min_ml=post.get("et_min_ml", 0.0))}
     secs = {"plain": [], "tta": [], "uncertainty": []}
@@ -257,10 +257,10 @@ def _time_arms(ckpts, cases, tmp: Path, post: dict, conv: str) -> dict:
         for arm in ("plain", "tta", "uncertainty"):
             t = time.perf_counter()
             if arm == "uncertainty":
-                predict_case_uncertainty(arms["tta"], images, conv, tmp / f"{cid}_u.nii.gz",
-                                         tmp / f"{cid}_uncertainty.nii.gz")
+                arms["tta"].predict_case(images, tmp / f"{cid}_u.nii.gz", conv,
+                                         uncertainty_target=tmp / f"{cid}_uncertainty.nii.gz")
             else:
-                predict_case(arms[arm], images, conv, tmp / f"{cid}_{arm}.nii.gz")
+                arms[arm].predict_case(images, tmp / f"{cid}_{arm}.nii.gz", conv)
             secs[arm].append(time.perf_counter() - t)
     med = {a: float(np.median(v)) for a, v in secs.items()}
     return {"models": len(ckpts), "cases": len(cases), "seconds_per_case": med,

@@ -73,7 +73,9 @@ def _cmd_index(a) -> int:
 
 def _cmd_check(a) -> int:
     from medseg.data.validate import check_dataset
-    rep = check_dataset(a.root, a.convention, a.jobs, a.affine_tol, progress=_progress("check"))
+    from medseg.data.io import AFFINE_TOL
+    rep = check_dataset(a.root, a.convention, a.jobs, AFFINE_TOL if a.affine_tol is None else a.affine_tol,
+                        progress=_progress("check"))
     for f in rep.errors:
         print(f)
     warns = rep.warnings
@@ -400,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "index":
             c.add_argument("--json", action="store_true", help="print the case list as JSON")
         if name == "check":
-            c.add_argument("--affine-tol", type=float, default=1e-3,
+            c.add_argument("--affine-tol", type=float, default=None,
                            help="largest affine difference between a case's files (default 1e-3)")
             c.add_argument("--verbose", "-v", action="store_true", help="list every warning")
         if name == "split":

@@ -90,7 +90,8 @@ def review_calibration(model: Sequence[str | Path], onnx_meta: dict | None = Non
         cal = onnx_meta.get("uncertainty")
         source = f"the model's metadata ({Path(model[0]).name})"
         return (cal, source) if cal and check_calibration(cal, source) else None
-    folds = {p.parent.parent for p in resolve_checkpoints(model)}   # fold_k/checkpoints/final.pt → fold_k
+    # a checkpoint fold_k/checkpoints/final.pt → its fold folder; a folder: itself
+    folds = {Path(p).parent.parent if Path(p).is_file() else Path(p) for p in model}
     places = sorted(folds) if len(folds) == 1 else []
     places += sorted({f.parent for f in folds if f.name.startswith("fold_")})
     path = next((f / CALIBRATION for f in places if (f / CALIBRATION).is_file()), None)

@@ -24,7 +24,7 @@ from medseg.data.patches import EpochSampler, PatchDataset, VolumeDataset, patch
 from medseg.data.preprocessed import MAX_LOCATIONS, ensure_store, tumour_labels
 from medseg.errors import MedsegError
 from medseg.labels import labels_to_regions
-from medseg.train import fold_data, prepare_store, train_fold
+from medseg.train import fold_data, train_fold
 from medseg.transforms import IMAGE, LABEL, patch_augmentation, preprocessing
 
 from conftest import TINY_TRAIN

@@ -252,8 +252,8 @@ def test_both_engines_agree_on_the_uncertainty(model, tmp_path):
     for s in STATISTICS:
         assert m_e[s].shape == m_t[s].shape == (3, *nib.load(ref).shape)
         assert np.abs(m_t[s] - m_e[s]).max() < 1e-4, (s, float(np.abs(m_t[s] - m_e[s]).max()))
-    r_t, _, ml = torch_pred.regions(p_t, ref)
-    r_e, _ = edge.regions(p_e, nib.load(ref))
+    r_t, ml = torch_pred.regions(p_t, ref)
+    r_e, _ = edge.regions(p_e, ref)
     np.testing.assert_array_equal(r_t, r_e)
     rec_t = uncertainty_record(m_t[STATISTIC], r_t, p_t, ml, 0.05)
     rec_e = uncertainty_record(m_e[STATISTIC], r_e, p_e, ml, 0.05)
