@@ -1,5 +1,6 @@
 """BraTS at real scale: the preprocessed, memory-mapped dataset against the
-in-memory cache (the path before it, still `data.cache=memory`), in one run.
+standard MONAI way (a CacheDataset holding every preprocessed case in memory,
+MONAI transforms for patch sampling and augmentation), in one run.
 
     python benchmarks/scale.py                        # N = 8 and 32 BraTS-size cases
     python benchmarks/scale.py --cases 4 8 --train-iters 1 --model-preset cpu   # quicker look
@@ -10,10 +11,10 @@ and 128³ patches) it measures:
 1. **Preprocessing**: seconds per case (wall clock with --jobs processes, and
    CPU seconds of one process), disk bytes per case; the in-memory cache's bytes
    per case (float32 image + region channels as CacheDataset holds them) beside.
-2. **Peak resident memory of training** (`medseg train`, a few iterations, no
-   loader workers so that one process holds everything; the VmHWM of that
-   process) for each N and each path. The preprocessed path should not grow
-   with N; the in-memory one does.
+2. **Peak resident memory of training** (a few iterations, no loader workers so
+   that one process holds everything) for each N and each path: `medseg train`,
+   and the same network trained from a MONAI CacheDataset (`monai_train`). The
+   preprocessed path should not grow with N; the in-memory one does.
 3. **Seconds of one core per 128³ sample** with the full augmentation, as a
    loader worker makes it: from the in-memory cached item (MONAI
    RandCropByPosNegLabeld → rotate → zoom → flips → intensity, on the whole
@@ -65,17 +66,86 @@ def _tree_rss_mb(pid: int) -> float:
     return total
 
 
+def monai_transforms(channels, convention: str, spacing, patch, training: bool = True):
+    """The standard MONAI way (the MONAI BraTS tutorial's chain): load, channel-first,
+    RAS, Spacingd, brain crop, NormalizeIntensityd, regions; for training, pad,
+    RandCropByPosNegLabeld (2:1) and MONAI's random rotation, zoom, flips, intensity
+    scale/shift, contrast and noise, with the probabilities of medseg's augmentation."""
+    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, LoadImaged,
+                                  NormalizeIntensityd, Orientationd, RandAdjustContrastd,
+                                  RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised, RandRotated,
+                                  RandScaleIntensityd, RandShiftIntensityd, RandZoomd, Spacingd, SpatialPadd)
+    import torch
+    from medseg.transforms import LabelsToRegionsd
+    from medseg.labels import CHANNELS
+    if list(channels) != list(CHANNELS):
+        raise SystemExit(f"the baseline reads channels in {CHANNELS} order, the data has {channels}")
+    keys = ["image", "label"]
+    steps = [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys),
+             Orientationd(keys, axcodes="RAS"), Spacingd(keys, pixdim=tuple(spacing), mode=("bilinear", "nearest")),
+             CropForegroundd(keys, source_key="image", select_fn=lambda x: x > 0, allow_smaller=True),
+             NormalizeIntensityd("image", nonzero=True, channel_wise=True), LabelsToRegionsd("label", convention),
+             EnsureTyped(keys, dtype=torch.float32)]
+    if training:
+        steps += [SpatialPadd(keys, spatial_size=tuple(patch)),
+                  RandCropByPosNegLabeld(keys, label_key="label", spatial_size=tuple(patch), pos=2, neg=1,
+                                         num_samples=1, allow_smaller=True),
+                  RandRotated(keys, range_x=0.26, range_y=0.26, range_z=0.26, prob=0.2,
+                              mode=("bilinear", "nearest"), padding_mode="zeros", keep_size=True),
+                  RandZoomd(keys, min_zoom=0.85, max_zoom=1.15, prob=0.2, mode=("trilinear", "nearest-exact"),
+                            keep_size=True),
+                  *[RandFlipd(keys, prob=0.5, spatial_axis=a) for a in range(3)],
+                  RandScaleIntensityd("image", factors=0.1, prob=0.5),
+                  RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+                  RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
+                  RandGaussianNoised("image", std=0.05, prob=0.15)]
+    return Compose(steps)
+
+
+def monai_train(datalist: Path, root: Path, iters: int, model_preset: str) -> None:
+    """The baseline training process: every case of `datalist` in a MONAI CacheDataset
+    (the deterministic part of `monai_transforms` cached), `iters` iterations of the
+    full preset's loss and optimiser on the same network, no workers."""
+    import torch
+    from monai.data import CacheDataset, DataLoader
+    from medseg.config import resolve_config
+    from medseg.train import build_criterion, build_network, build_optimizer, fold_data
+    cfg = resolve_config("full", [] if model_preset == "full" else [f"model.args.preset={model_preset}"])
+    data = fold_data(datalist, root, None)
+    tf = monai_transforms(data.channels, data.convention, cfg["data"]["spacing"], cfg["train"]["patch"])
+    ds = CacheDataset(data.train, tf, num_workers=1, progress=False)
+    loader = DataLoader(ds, batch_size=cfg["train"]["batch_size"], shuffle=True, num_workers=0)
+    model, loss_fn = build_network(cfg, training=True), build_criterion(cfg)
+    opt = build_optimizer(model.parameters(), cfg)
+    done = 0
+    while done < iters:
+        for batch in loader:
+            out = model(batch["image"])
+            preds = list(torch.unbind(out, 1)) if out.ndim == 6 else out
+            loss = loss_fn(preds, batch["label"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            done += 1
+            if done >= iters:
+                break
+
+
 def _train_peak(datalist: Path, root: Path, out: Path, cache: str, iters: int, model_preset: str,
                 store: Path) -> dict:
-    """Run `medseg train` (full preset) on every case of `datalist`; sample its
+    """Run `medseg train` (full preset; `cache` "preprocessed") or the MONAI baseline
+    (`cache` "memory": `monai_train`) on every case of `datalist`; sample its
     resident memory every 50 ms → peak MB and seconds."""
-    sets = [f"data.cache={cache}", "data.num_workers=0", "train.epochs=1", f"train.iters_per_epoch={iters}",
+    sets = ["data.num_workers=0", "train.epochs=1", f"train.iters_per_epoch={iters}",
             "train.val_every=1000"]
     if model_preset != "full":
         sets.append(f"model.args.preset={model_preset}")
     cmd = [sys.executable, "-m", "medseg", "train", "--datalist", str(datalist), "--data-root", str(root),
            "--out", str(out), "--preset", "full", "--device", "cpu", "--cache-dir", str(store),
            *[f"--set={s}" for s in sets]]
+    if cache == "memory":
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--monai-train", str(datalist), str(root),
+               str(iters), model_preset]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = [0.0]
@@ -101,12 +171,11 @@ def _sub_datalist(full: dict, n: int, target: Path) -> Path:
 
 def _memory_item_bytes(case: dict, channels, convention, spacing) -> int:
     """Bytes CacheDataset holds for one training case: the deterministic part of the
-    training transforms (preprocessing + pad), float32 image + region channels."""
+    baseline's training transforms (preprocessing + pad), float32 image + region channels."""
     from medseg.config import resolve_config
-    from medseg.train import build_transforms
     from monai.transforms import Randomizable
     cfg = resolve_config("full")
-    tf = build_transforms(cfg, channels, convention, training=True)
+    tf = monai_transforms(channels, convention, spacing, cfg["train"]["patch"])
     d = {"image": case["image"], "label": case["label"]}
     for t in tf.flatten().transforms:
         if isinstance(t, Randomizable):
@@ -119,13 +188,12 @@ def _sample_rates(cases: list[dict], channels, convention, store, n_samples: int
     """Seconds per 128³ training sample made by one thread, both paths."""
     import torch
     from medseg.config import resolve_config
-    from medseg.train import build_transforms
     from monai.transforms import Compose, Randomizable
     torch.set_num_threads(1)
     cfg = resolve_config("full")
     patch = cfg["train"]["patch"]
     # in-memory path: the cached items, then the random part per sample (as a loader worker)
-    tf = build_transforms(cfg, channels, convention, training=True).flatten().transforms
+    tf = monai_transforms(channels, convention, cfg["data"]["spacing"], patch).flatten().transforms
     first = next(i for i, t in enumerate(tf) if isinstance(t, Randomizable))
     cached = []
     for c in cases[:2]:
@@ -149,6 +217,9 @@ def _sample_rates(cases: list[dict], channels, convention, store, n_samples: int
 
 
 def main() -> None:
+    if len(sys.argv) == 6 and sys.argv[1] == "--monai-train":     # the baseline's own process
+        monai_train(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, nargs="+", default=[8, 32], help="dataset sizes N")
     ap.add_argument("--work", help="folder for data and runs (default: a temporary folder)")
@@ -158,7 +229,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=12, help="samples timed per path")
     ap.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155],
                     help="synthetic grid over the 240x240x155 mm field (default: BraTS 1 mm)")
-    ap.add_argument("--skip-memory-path", action="store_true", help="train only the preprocessed path")
+    ap.add_argument("--skip-memory-path", action="store_true", help="train only the preprocessed path, "
+                    "not the MONAI CacheDataset baseline")
     a = ap.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix="medseg_scale_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -233,7 +233,7 @@ def run_cv(cfg: dict, datalist: str | Path, data_root: str | Path, out_dir: str 
     for k in todo:
         if k not in unfinished:
             print_fn(f"fold {k}: already trained, skipping")
-    if unfinished and cfg["data"]["cache"] == "preprocessed":
+    if unfinished:
         # Once for the experiment, before any fold: folds (and parallel trainers) share it.
         prepare_store(cfg, fold_data(datalist, data_root, None), out_dir / DEFAULT_STORE, print_fn)
     if devices and len(devices) > 1 and unfinished:

@@ -26,18 +26,31 @@ from medseg.models import network_from_spec
 from medseg.pipeline import PipelineSpec
 from medseg.transforms import preprocessing
 
-__all__ = ["autocast", "volume_device", "load_model", "Predictor", "predict_probs"]
+__all__ = ["autocast", "cpu_bf16_native", "volume_device", "load_model", "Predictor", "predict_probs"]
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bf16 convolutions natively (oneDNN with AVX-512 BF16 or
+    AMX). Without it torch emulates bf16: a 16³ U-Net window measured 25× slower than
+    fp32 on an AVX2-only CPU (1.11 s vs 0.045 s), where with AVX-512 BF16 it is 2× faster."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):      # a torch build without the query: assume not
+        return False
 
 
 def autocast(device: torch.device, enabled: bool, dtype: str = "bfloat16"):
-    """Mixed precision: bf16 on CPU (about 2× faster here) and CUDA, or fp16 on CUDA;
-    a no-op when disabled."""
+    """Mixed precision: bf16 on CPU (about 2× faster where the CPU has native bf16;
+    fp32 where it would be emulated, see `cpu_bf16_native`) and CUDA, or fp16 on
+    CUDA; a no-op when disabled."""
     if not enabled:
         return contextlib.nullcontext()
     if dtype not in ("bfloat16", "float16"):
         raise MedsegError(f"amp dtype {dtype!r}; expected 'bfloat16' or 'float16'")
     if dtype == "float16" and device.type != "cuda":
         raise MedsegError("train.amp_dtype=float16 needs CUDA; on the CPU use bfloat16")
+    if device.type == "cpu" and not cpu_bf16_native():
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
 
 

@@ -14,7 +14,7 @@ For each region (TC, WT, ET) of one case, from boolean masks on the same grid:
   pooled). The BraTS 2023 code takes the larger directed percentile too, but over
   DeepMind's surfels (2×2×2 corner elements weighted by area): `surfel_distances`.
 - **Hausdorff**: the maximum of all those distances.
-- Empty masks (`region_metrics`, the brats21 rules): both empty → Dice 1, HD95 0,
+- Empty masks (`score_region` under the brats21 rules): both empty → Dice 1, HD95 0,
   Hausdorff 0 (the tumour region is absent and the model says so). Exactly one
   empty → Dice 0, HD95 = Hausdorff = 373.13 mm, the BraTS penalty (the diagonal of
   the 240×240×155 mm BraTS field of view). Other rule sets say otherwise:
@@ -40,7 +40,7 @@ from scipy.optimize import linear_sum_assignment
 from medseg.labels import REGIONS
 
 __all__ = ["BRATS_HD_PENALTY", "METRICS", "dice", "surface_distances", "surfel_distances",
-           "region_metrics", "case_metrics", "lesion_scores", "score_region", "score_case"]
+           "lesion_scores", "score_region", "score_case"]
 
 #: mm; sqrt(240² + 240² + 155²) = 373.13, the BraTS penalty for a missed or spurious region.
 BRATS_HD_PENALTY = 373.13
@@ -64,44 +64,6 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray,
     sp = np.asarray(spacing, dtype=np.float64)
     return (np.asarray(get_surface_distance(ep, er, "euclidean", sp)),
             np.asarray(get_surface_distance(er, ep, "euclidean", sp)))
-
-
-def region_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
-                   directed_max: bool = False) -> dict[str, float]:
-    """All METRICS for one region: `pred`, `ref` boolean `(X, Y, Z)`, `spacing` in mm."""
-    pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
-    if pred.shape != ref.shape:
-        raise ValueError(f"prediction shape {pred.shape} != reference shape {ref.shape}")
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    n_p, n_r = int(pred.sum()), int(ref.sum())
-    tp = int(np.logical_and(pred, ref).sum())
-    neg = pred.size - n_r
-    out = {
-        "dice": dice(pred, ref),
-        "sensitivity": tp / n_r if n_r else 1.0,
-        "specificity": (pred.size - n_p - n_r + tp) / neg if neg else 1.0,
-        "vol_pred_ml": n_p * voxel_ml,
-        "vol_ref_ml": n_r * voxel_ml,
-    }
-    if n_p == 0 and n_r == 0:
-        out["hd95"] = out["hausdorff"] = 0.0
-    elif n_p == 0 or n_r == 0:
-        out["hd95"] = out["hausdorff"] = BRATS_HD_PENALTY
-    else:
-        d_pr, d_rp = surface_distances(pred, ref, spacing)
-        if directed_max:
-            out["hd95"] = float(max(np.percentile(d_pr, 95), np.percentile(d_rp, 95)))
-        else:
-            out["hd95"] = float(np.percentile(np.concatenate([d_pr, d_rp]), 95))
-        out["hausdorff"] = float(max(d_pr.max(), d_rp.max()))
-    return {k: out[k] for k in METRICS}
-
-
-def case_metrics(pred_regions: np.ndarray, ref_regions: np.ndarray,
-                 spacing: Sequence[float]) -> dict[str, dict[str, float]]:
-    """`(3, X, Y, Z)` boolean TC/WT/ET stacks → {region: {metric: value}}."""
-    return {r: region_metrics(pred_regions[i], ref_regions[i], spacing)
-            for i, r in enumerate(REGIONS)}
 
 
 # ---------------------------------------------------------------------------
@@ -350,8 +312,7 @@ def score_region(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
 
     Whole-image Dice/HD95/Hausdorff/NSD follow the rules' empty-mask handling,
     penalty, HD95 variant and units; sensitivity, specificity and volumes (mL) are
-    the same under every rule set. Under the brats21 rules this equals
-    `region_metrics`.
+    the same under every rule set.
     """
     pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
     if pred.shape != ref.shape:

@@ -35,27 +35,28 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
-from monai.transforms import Compose, Randomizable, Transform
+from monai.data import DataLoader
+from monai.transforms import Compose
 from torch import nn
 
 from medseg import __version__
-from medseg.config import config_hash, experiment
+from medseg.config import experiment
 from medseg.data.folds import load_datalist
 from medseg.data.io import atomic_path, write_json
 from medseg.data.patches import Augmenter, EpochSampler, PatchDataset, VolumeDataset
 from medseg.data.preprocessed import Store, ensure_store
 from medseg.errors import MedsegError
-from medseg.infer import autocast, predict_probs
+from medseg.infer import autocast, cpu_bf16_native, predict_probs
 from medseg.pipeline import PipelineSpec
 from medseg.labels import CHANNELS, REGIONS
 from medseg.losses import build_loss
-from medseg.metrics import case_metrics
+from medseg.metrics import score_case
 from medseg.models import missing_channels, network_from_spec, size_divisor, unet3d_outputs
-from medseg.transforms import IMAGE, LABEL, patch_augmentation, preprocessing, train_augmentation
+from medseg.scoring import DEFAULT_RULES, get_rules
+from medseg.transforms import IMAGE, LABEL, patch_augmentation, preprocessing
 
 __all__ = ["FoldData", "fold_data", "train_fold", "lr_factor", "CHECKPOINT_DIR", "build_network",
-           "build_criterion", "build_transforms", "build_optimizer", "deep_supervised", "cache_key",
+           "build_criterion", "build_transforms", "build_optimizer", "deep_supervised", "DATA_CACHE",
            "modality_dropout", "modality_dropout_weight", "scale_dropped_gradient", "input_subsets",
            "initial_weights", "augment_on_device", "loader_workers",
            "prepare_store", "store_root", "DEFAULT_STORE"]
@@ -103,15 +104,6 @@ def fold_data(datalist: str | Path, data_root: str | Path, fold: int | None) -> 
     train = [_abs(e, root) for e in entries if e["fold"] != fold]
     val = [_abs(e, root) for e in entries if e["fold"] == fold]
     return FoldData(train, val, list(dl["channels"]), dl["label_convention"]["name"], Path(datalist))
-
-
-def _epoch_indices(n: int, count: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
-    """This rank's case indices for one epoch: `count` per rank, drawn by walking
-    seeded permutations of the `n` cases (every case once before any repeats)."""
-    rng = np.random.default_rng([seed, epoch])
-    total = count * world
-    seq = np.concatenate([rng.permutation(n) for _ in range(math.ceil(total / n))])[:total]
-    return seq[rank::world].tolist()
 
 
 def _seed_all(seed: int) -> None:
@@ -240,14 +232,15 @@ def pipeline_spec(cfg: dict, convention: str) -> PipelineSpec:
 
 
 def build_transforms(cfg: dict, channels, convention: str, training: bool = True) -> Compose:
-    """Preprocessing (images in `channels` order, labels in `convention`) by the
-    experiment's pipeline spec; with `training`, followed by patch sampling and augmentation."""
-    pre = preprocessing(channels, convention, pipeline_spec(cfg, convention))
-    if not training:
-        return pre
-    aug = train_augmentation(cfg["train"]["patch"], *cfg["train"]["pos_neg"],
-                             modality_dropout=modality_dropout(cfg))
-    return Compose([*pre.transforms, *aug.transforms])
+    """What training runs, as MONAI transforms. `training=False`: the preprocessing of
+    a case (images in `channels` order, labels in `convention`) by the experiment's
+    pipeline spec, as the preprocessed dataset stores it and validation reads it.
+    `training=True`: the augmentation of a patch cut from that dataset
+    (`medseg.data.patches.PatchDataset` picks it, tumour over-sampled
+    ``train.pos_neg``), ``image`` `(4, *patch)` and ``label`` `(1, *patch)` label map."""
+    if training:
+        return patch_augmentation(modality_dropout(cfg))
+    return preprocessing(channels, convention, pipeline_spec(cfg, convention))
 
 
 def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
@@ -412,33 +405,6 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 # ----------------------------------------------------------------------------- steps
-def _params(obj, depth: int = 2) -> str:
-    """Plain-valued attributes of a transform, and of the array transforms it holds
-    (SpatialPadd keeps its size in ``padder``), as text."""
-    out = {}
-    for k, v in sorted(vars(obj).items()):
-        if isinstance(v, (int, float, str, bool, tuple, list)) and " at 0x" not in repr(v):
-            out[k] = repr(v)    # (not lists of objects: their repr holds addresses)
-        elif depth and isinstance(v, Transform):
-            out[k] = _params(v, depth - 1)
-    return repr(out)
-
-
-def cache_key(transform: Compose, cfg: dict, data: FoldData) -> str:
-    """Disk-cache folder name for the items `transform` makes: a hash of the data
-    settings and of every step PersistentDataset caches (the chain up to its first
-    random step, each with its parameters). Training pads to the patch
-    (SpatialPadd) before caching, validation does not: they are different items of
-    the same case and must never share an entry."""
-    steps = []
-    for t in transform.flatten().transforms:
-        if isinstance(t, Randomizable):
-            break
-        steps.append([type(t).__name__, _params(t)])
-    return config_hash({"spacing": cfg["data"]["spacing"], "channels": data.channels,
-                        "convention": data.convention, "medseg": __version__, "steps": steps})
-
-
 #: Folder of preprocessed datasets, beside the run folders (`medseg train --out
 #: runs/x` → runs/preprocessed/<key>; `medseg cv --out runs/cv` → runs/cv/preprocessed/<key>).
 DEFAULT_STORE = "preprocessed"
@@ -481,37 +447,33 @@ def augment_on_device(cfg: dict, device: torch.device) -> bool:
     where = cfg["data"].get("augment", "auto")
     if where not in AUGMENT_WHERE:
         raise MedsegError(f"data.augment={where!r}: expected one of {', '.join(AUGMENT_WHERE)}")
-    preprocessed = cfg["data"]["cache"] == "preprocessed"
-    if where == "device" and not preprocessed:
-        raise MedsegError(f"data.augment=device needs data.cache=preprocessed (it is "
-                          f"{cfg['data']['cache']!r}): the MONAI cache path augments in the workers")
-    return where == "device" or (where == "auto" and preprocessed and device.type == "cuda")
+    return where == "device" or (where == "auto" and device.type == "cuda")
 
 
-def _datasets(data: FoldData, cfg: dict, cache_dir: Path | None, print_fn=print, share=(0, 1),
+#: The one training data path (``data.cache``): the preprocessed dataset, read by patches.
+DATA_CACHE = "preprocessed"
+
+
+def check_data_cache(cfg: dict) -> None:
+    """``data.cache`` must be the preprocessed dataset: the in-memory and disk caches
+    (MONAI CacheDataset/PersistentDataset with their own augmentation) were retired,
+    so that training has one data path."""
+    cache = cfg["data"].get("cache", DATA_CACHE)
+    if cache != DATA_CACHE:
+        raise MedsegError(f"data.cache={cache!r}: the in-memory and disk caches were retired; training "
+                          f"reads the preprocessed dataset ({DATA_CACHE!r}: same preprocessing, built once "
+                          f"per experiment, memory-mapped). Remove the override or set data.cache={DATA_CACHE}")
+
+
+def _datasets(data: FoldData, cfg: dict, store_dir: Path, print_fn=print, share=(0, 1),
               timeout_s: float | None = None, on_device: bool = False):
-    cache = cfg["data"]["cache"]
-    if cache == "preprocessed":
-        store = prepare_store(cfg, data, cache_dir, print_fn, share, timeout_s)
-        aug = patch_augmentation(modality_dropout(cfg))
-        train_ds = PatchDataset(store, [c["id"] for c in data.train], cfg["train"]["patch"],
-                                *cfg["train"]["pos_neg"], aug, augment=not on_device)
-        return train_ds, VolumeDataset(store, [c["id"] for c in data.val])
-    pre = build_transforms(cfg, data.channels, data.convention, training=False)
-    train_tf = build_transforms(cfg, data.channels, data.convention, training=True)
-    workers = loader_workers(cfg)
-    if cache == "disk":
-        if cache_dir is None:
-            raise MedsegError("data.cache=disk needs a cache folder")
-        train_ds = PersistentDataset(data.train, train_tf, cache_dir=cache_dir / cache_key(train_tf, cfg, data))
-        val_ds = PersistentDataset(data.val, pre, cache_dir=cache_dir / cache_key(pre, cfg, data))
-    elif cache == "memory":
-        train_ds = CacheDataset(data.train, train_tf, num_workers=max(1, workers), progress=False)
-        val_ds = CacheDataset(data.val, pre, num_workers=max(1, workers), progress=False) \
-            if data.val else Dataset([], pre)
-    else:
-        raise MedsegError(f"data.cache={cache!r}; expected 'preprocessed', 'memory' or 'disk'")
-    return train_ds, val_ds
+    """(patch dataset of the training cases, volume dataset of the validation cases),
+    both read from the experiment's preprocessed dataset."""
+    store = prepare_store(cfg, data, store_dir, print_fn, share, timeout_s)
+    aug = build_transforms(cfg, data.channels, data.convention, training=True)
+    train_ds = PatchDataset(store, [c["id"] for c in data.train], cfg["train"]["patch"],
+                            *cfg["train"]["pos_neg"], aug, augment=not on_device)
+    return train_ds, VolumeDataset(store, [c["id"] for c in data.val])
 
 
 def _check_patch(cfg: dict) -> None:
@@ -582,6 +544,7 @@ def validate(model: nn.Module, val_ds, cfg: dict, device: torch.device, dd: "Dis
     DDP each rank validates every world-th case and the rows are gathered."""
     inf, n_max = cfg["infer"], cfg["train"]["val_max_cases"]
     spec = pipeline_spec(cfg, "brats2023")      # windows and blending; the data is preprocessed already
+    rules = get_rules(DEFAULT_RULES)
     dd = dd or Dist()
     rows = []
     n = len(val_ds) if not n_max else min(n_max, len(val_ds))
@@ -590,7 +553,7 @@ def validate(model: nn.Module, val_ds, cfg: dict, device: torch.device, dd: "Dis
         probs = predict_probs([model], item[IMAGE], spec, cfg["train"]["amp"], device=device,
                               amp_dtype=cfg["train"]["amp_dtype"])
         ref = np.asarray(item[LABEL]) > 0.5
-        rows.append(case_metrics(probs.numpy() > inf["threshold"], ref, cfg["data"]["spacing"]))
+        rows.append(score_case(probs.numpy() > inf["threshold"], ref, cfg["data"]["spacing"], rules))
     if dd.world > 1:
         gathered: list = [None] * dd.world
         dist.all_gather_object(gathered, rows)
@@ -610,20 +573,29 @@ def _amp_dtype(cfg: dict, device: torch.device, log) -> dict:
             and not torch.cuda.is_bf16_supported()):
         log(f"{torch.cuda.get_device_name(device)} has no bfloat16: training in float16 with loss scaling")
         return dict(cfg, train=dict(tcfg, amp_dtype="float16"))
+    if device.type == "cpu" and tcfg["amp"] and not cpu_bf16_native():
+        log("this CPU has no native bfloat16 (it would be emulated, many times slower): autocast is off, "
+            "training and validation run in float32")
     return cfg
 
 
 # ----------------------------------------------------------------------------- the loop
-def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int | None,
-               out_dir: str | Path, resume: bool = False, device: str | None = None,
-               print_fn: Callable[[str], None] = print, cache_dir: str | Path | None = None,
-               distributed: bool | None = None) -> dict:
-    """Train one fold; returns the summary also written to ``train_summary.json``.
+@dataclass
+class _Run:
+    """What one fold's training holds between its steps."""
+    dev: torch.device
+    dd: Dist
+    log: Callable[[str], None]
+    cfg: dict                 # what the user asked (stored, compared on resume)
+    run_cfg: dict             # what runs (e.g. fp16 where the GPU has no bf16)
+    data: FoldData
+    out_dir: Path
+    seed: int
 
-    Under `torchrun` (``WORLD_SIZE`` > 1) training is distributed; `distributed=True`
-    (the bundle's multi_gpu_train.json) makes a launch without torchrun an error
-    instead of a silent single-process run."""
-    out_dir = Path(out_dir)
+
+def _start(cfg: dict, out_dir: Path, device: str | None, distributed: bool | None, resume: bool,
+           datalist, data_root, fold: int | None, print_fn) -> _Run:
+    """Checks before any work: device and process group, the run folder, the data."""
     if distributed and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise MedsegError("distributed training was requested (multi_gpu_train.json) but this process "
                           "was not started by torchrun; run: torchrun --nproc_per_node N -m monai.bundle "
@@ -636,47 +608,46 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True     # fixed patch shape: pick the fastest kernels once
     log = print_fn if dd.main else (lambda s: None)
-    run_cfg = _amp_dtype(cfg, dev, log)           # what runs; `cfg` is what the user asked (stored)
-    tcfg = run_cfg["train"]
     _check_patch(cfg)
+    check_data_cache(cfg)
     modality_dropout(cfg)
     modality_dropout_weight(cfg)
-    ckpt_dir = out_dir / CHECKPOINT_DIR
-    last = ckpt_dir / "last.pt"
+    last = out_dir / CHECKPOINT_DIR / "last.pt"
     if last.exists() and not resume:
         raise MedsegError(f"{out_dir} already holds a training run ({last}); pass --resume to "
                           "continue it, or choose another --out")
     if resume and not last.exists():
         raise MedsegError(f"--resume: no checkpoint {last} to resume from; run without --resume")
-
     data = fold_data(datalist, data_root, fold)
     if not data.train:
         raise MedsegError(f"fold {fold}: no training cases in {datalist}")
-    seed = int(cfg["seed"])
-    _seed_all(seed)
-    preprocessed = cfg["data"]["cache"] == "preprocessed"
-    root = store_root(out_dir, cache_dir) if preprocessed else (Path(cache_dir) if cache_dir else out_dir / "cache")
-    on_device = augment_on_device(cfg, dev)
-    train_ds, val_ds = _datasets(data, cfg, root, log, (dd.rank, dd.world), ddp_timeout_s(cfg), on_device)
-    augmenter = train_ds.augmenter if on_device else None
-    workers = loader_workers(cfg, dd.world)
-    sampler, loader = None, None
-    if preprocessed:
-        # One loader for the run: workers persist across epochs; each sample's seed
-        # (from the sampler) fixes its patch and augmentation, whichever worker makes it.
-        sampler = EpochSampler(len(train_ds), tcfg["iters_per_epoch"] * tcfg["batch_size"], seed,
-                               dd.rank, dd.world)
-        loader = DataLoader(train_ds, batch_size=tcfg["batch_size"], sampler=sampler, num_workers=workers,
-                            persistent_workers=workers > 0, pin_memory=dev.type == "cuda",
-                            prefetch_factor=4 if workers > 0 else None)
+    return _Run(dev, dd, log, cfg, _amp_dtype(cfg, dev, log), data, out_dir, int(cfg["seed"]))
 
-    net = cfg["model"]
-    deep_sup = deep_supervised(cfg)
-    _seed_all(seed)
-    model = build_network(cfg, training=True).to(dev)
-    if tcfg["channels_last"]:
+
+def _loader(run: _Run, cache_dir, on_device: bool):
+    """(epoch sampler, the run's one DataLoader, validation dataset, device augmenter)."""
+    tcfg = run.run_cfg["train"]
+    _seed_all(run.seed)
+    train_ds, val_ds = _datasets(run.data, run.cfg, store_root(run.out_dir, cache_dir), run.log,
+                                 (run.dd.rank, run.dd.world), ddp_timeout_s(run.cfg), on_device)
+    workers = loader_workers(run.cfg, run.dd.world)
+    # One loader for the run: workers persist across epochs; each sample's seed
+    # (from the sampler) fixes its patch and augmentation, whichever worker makes it.
+    sampler = EpochSampler(len(train_ds), tcfg["iters_per_epoch"] * tcfg["batch_size"], run.seed,
+                           run.dd.rank, run.dd.world)
+    loader = DataLoader(train_ds, batch_size=tcfg["batch_size"], sampler=sampler, num_workers=workers,
+                        persistent_workers=workers > 0, pin_memory=run.dev.type == "cuda",
+                        prefetch_factor=4 if workers > 0 else None)
+    return sampler, loader, val_ds, train_ds.augmenter if on_device else None
+
+
+def _model(run: _Run, resume: bool, fold: int | None):
+    """(network on the device, its DDP wrapper or itself), from train.init_from when set."""
+    _seed_all(run.seed)
+    model = build_network(run.cfg, training=True).to(run.dev)
+    if run.run_cfg["train"]["channels_last"]:
         model = model.to(memory_format=torch.channels_last_3d)
-    init = initial_weights(cfg, fold, data.datalist) if not resume else None
+    init = initial_weights(run.cfg, fold, run.data.datalist) if not resume else None
     if init is not None:
         # the inference checkpoint (final.pt) has no deep-supervision heads: those start fresh
         missing, unexpected = model.load_state_dict(init[1], strict=False)
@@ -685,118 +656,162 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
                              for k in missing):
             raise MedsegError(f"train.init_from: {init[0]} does not fit this network (missing "
                               f"{missing[:3]}, unexpected {unexpected[:3]})")
-        log(f"starting from the weights of {init[0]}")
-    train_model = model
-    if dd.world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    loss_fn = build_criterion(cfg)
-    opt = build_optimizer(model.parameters(), cfg)
+        run.log(f"starting from the weights of {init[0]}")
+    if run.dd.world > 1:
+        return model, nn.parallel.DistributedDataParallel(
+            model, device_ids=[run.dev.index] if run.dev.type == "cuda" else None)
+    return model, model
+
+
+def _optimisation(run: _Run, model: nn.Module):
+    """(loss, optimiser, LR schedule, loss scaler) from the ``train`` values."""
+    tcfg = run.run_cfg["train"]
+    opt = build_optimizer(model.parameters(), run.cfg)
     total_steps = tcfg["epochs"] * tcfg["iters_per_epoch"]
     warmup = tcfg["warmup_epochs"] * tcfg["iters_per_epoch"]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total_steps, warmup, tcfg["schedule"]))
     # Loss scaling only for fp16 (bf16 has fp32's exponent range and needs none).
-    scaler = torch.amp.GradScaler(dev.type, enabled=tcfg["amp"] and tcfg["amp_dtype"] == "float16")
+    scaler = torch.amp.GradScaler(run.dev.type, enabled=tcfg["amp"] and tcfg["amp_dtype"] == "float16")
+    return build_criterion(run.cfg), opt, sched, scaler
 
-    meta = {
-        "network": {"name": net["name"], "args": dict(net["args"])},
-        "channels": list(CHANNELS), "regions": list(REGIONS), "label_convention": data.convention,
+
+def _checkpoint_meta(run: _Run, fold: int | None) -> dict:
+    """What every checkpoint says about its model: network, pipeline spec, labels, data."""
+    cfg, tcfg = run.cfg, run.run_cfg["train"]
+    return {
+        "network": {"name": cfg["model"]["name"], "args": dict(cfg["model"]["args"])},
+        "channels": list(CHANNELS), "regions": list(REGIONS), "label_convention": run.data.convention,
         "spacing": list(cfg["data"]["spacing"]), "roi": list(tcfg["patch"]),
-        "pipeline": pipeline_spec(cfg, data.convention).to_dict(),
+        "pipeline": pipeline_spec(cfg, run.data.convention).to_dict(),
         "infer": dict(cfg["infer"], amp=tcfg["amp"], amp_dtype=tcfg["amp_dtype"]),
-        "medseg_version": __version__, "fold": fold, "datalist": str(data.datalist),
+        "medseg_version": __version__, "fold": fold, "datalist": str(run.data.datalist),
         "modality_dropout": modality_dropout(cfg), "input_subsets": input_subsets(modality_dropout(cfg)),
         "init_from": str(cfg["train"].get("init_from") or "") or None,
     }
-    start, history, best = 0, [], -1.0
-    if resume:
-        ck = torch.load(last, map_location="cpu", weights_only=True)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        _set_rng_state(ck["rng"])
-        start, history, best = ck["epoch"], ck["history"], ck["best"]
-        if experiment(**ck["config"]) != cfg:
-            raise MedsegError(f"{last}: the run was started with another configuration; resume "
-                              "with the same options (see config.json there) or start a new --out")
-        log(f"resumed {out_dir} at epoch {start}/{tcfg['epochs']}")
-    if dd.main:
-        write_json(cfg, out_dir / "config.json")
-        write_json(_environment(), out_dir / "env.json")
-    tb = _TensorBoard(out_dir / "tensorboard", start) if dd.main else None
-    log(f"fold {fold}: {len(data.train)} training, {len(data.val)} validation cases; "
-        f"{net['name']} {net['args']}, patch {tcfg['patch']}, batch {tcfg['batch_size']}"
-        f"{f' x {dd.world} ranks' if dd.world > 1 else ''}, {tcfg['epochs']} epochs x "
-        f"{tcfg['iters_per_epoch']} iterations, {dev.type}{' ' + tcfg['amp_dtype'] if tcfg['amp'] else ''}"
-        f"{', augmentation on ' + dev.type if on_device else ''}")
 
+
+def _resume(run: _Run, model, opt, sched, scaler) -> tuple[int, list[dict], float]:
+    """Restore model, optimiser, schedule, scaler and RNG states → (epoch, history, best)."""
+    last = run.out_dir / CHECKPOINT_DIR / "last.pt"
+    ck = torch.load(last, map_location="cpu", weights_only=True)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    scaler.load_state_dict(ck["scaler"])
+    _set_rng_state(ck["rng"])
+    if experiment(**ck["config"]) != run.cfg:
+        raise MedsegError(f"{last}: the run was started with another configuration; resume "
+                          "with the same options (see config.json there) or start a new --out")
+    run.log(f"resumed {run.out_dir} at epoch {ck['epoch']}/{run.run_cfg['train']['epochs']}")
+    return ck["epoch"], ck["history"], ck["best"]
+
+
+def _epoch_row(run: _Run, epoch: int, parts: dict, val_ds) -> dict:
+    """Train one epoch (re-seeded from (seed, epoch)) and validate when due → its log row."""
+    tcfg, dev, dd = run.run_cfg["train"], run.dev, run.dd
+    t0 = time.perf_counter()
+    _seed_all(run.seed * 100_003 + epoch)
+    parts["sampler"].set_epoch(epoch)
+    bar = _progress(len(parts["loader"]), f"epoch {epoch + 1}/{tcfg['epochs']}", dd.main)
+    loss, data_wait = _train_epoch(parts["train_model"], parts["loader"], parts["loss"], parts["opt"],
+                                   parts["sched"], run.run_cfg, dev, deep_supervised(run.cfg), bar,
+                                   parts["scaler"], parts["augmenter"])
+    if bar is not None:
+        bar.close()
+    if dd.world > 1:
+        t = torch.tensor([loss], device=dev)
+        dist.all_reduce(t)
+        loss = t.item() / dd.world
+    row = {"epoch": epoch + 1, "train_loss": loss, "lr": parts["sched"].get_last_lr()[0], "data_wait": data_wait}
+    if dev.type == "cuda":
+        row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    if len(val_ds) and ((epoch + 1) % tcfg["val_every"] == 0 or epoch + 1 == tcfg["epochs"]):
+        row.update(validate(parts["model"], val_ds, run.run_cfg, dev, dd))
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def _after_epoch(run: _Run, row: dict, history: list, best: float, parts: dict, meta: dict,
+                 tb, t_start: float, start: int) -> float:
+    """Rank 0: checkpoints (last, best), logs, progress line → the best mean Dice so far."""
+    epochs = run.run_cfg["train"]["epochs"]
+    improved = "dice_mean" in row and row["dice_mean"] > best
+    best = row["dice_mean"] if improved else best
+    state = {"model": parts["model"].state_dict(), "optimizer": parts["opt"].state_dict(),
+             "scheduler": parts["sched"].state_dict(), "scaler": parts["scaler"].state_dict(),
+             "epoch": row["epoch"], "history": history, "best": best, "rng": _rng_state(),
+             "config": run.cfg, "meta": meta}
+    ckpt_dir = run.out_dir / CHECKPOINT_DIR
+    if improved:
+        _save(state, ckpt_dir / "best.pt")
+    _save(state, ckpt_dir / "last.pt")
+    # The PNG costs about 0.2 s: redraw it when there is a new validation point.
+    _write_logs(history, run.out_dir, plot="dice_mean" in row or row["epoch"] == epochs)
+    tb.log(row)
+    done = row["epoch"]
+    eta = (time.perf_counter() - t_start) / (done - start) * (epochs - done)
+    vals = "  ".join(f"{r} {row[f'dice_{r}']:.3f}" for r in REGIONS) if "dice_mean" in row else ""
+    if vals or done == start + 1 or sys.stderr.isatty():
+        run.log(f"epoch {done:>3}/{epochs}  loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  "
+                f"{row['seconds']:.1f} s  ETA {eta / 60:.1f} min  {vals}".rstrip())
+    return best
+
+
+def _finish(run: _Run, meta: dict, summary: dict) -> None:
+    """Rank 0: the inference checkpoint final.pt (no deep-supervision heads, so the
+    weights load strictly into `build_network(cfg)`, the bundle's network_def) and
+    ``train_summary.json``, written last."""
+    ckpt_dir = run.out_dir / CHECKPOINT_DIR
+    final = torch.load(ckpt_dir / "last.pt", map_location="cpu", weights_only=True)
+    weights = {k: v for k, v in final["model"].items() if not k.startswith("deep_supervision_heads")}
+    _save({"model": weights, "meta": meta, "config": run.cfg, "epoch": final["epoch"]}, ckpt_dir / "final.pt")
+    write_json(summary, run.out_dir / "train_summary.json")
+
+
+def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int | None,
+               out_dir: str | Path, resume: bool = False, device: str | None = None,
+               print_fn: Callable[[str], None] = print, cache_dir: str | Path | None = None,
+               distributed: bool | None = None) -> dict:
+    """Train one fold; returns the summary also written to ``train_summary.json``.
+
+    Under `torchrun` (``WORLD_SIZE`` > 1) training is distributed; `distributed=True`
+    (the bundle's multi_gpu_train.json) makes a launch without torchrun an error
+    instead of a silent single-process run."""
+    run = _start(cfg, Path(out_dir), device, distributed, resume, datalist, data_root, fold, print_fn)
+    tcfg, dd = run.run_cfg["train"], run.dd
+    on_device = augment_on_device(cfg, run.dev)
+    sampler, loader, val_ds, augmenter = _loader(run, cache_dir, on_device)
+    model, train_model = _model(run, resume, fold)
+    loss_fn, opt, sched, scaler = _optimisation(run, model)
+    parts = {"model": model, "train_model": train_model, "loss": loss_fn, "opt": opt, "sched": sched,
+             "scaler": scaler, "sampler": sampler, "loader": loader, "augmenter": augmenter}
+    meta = _checkpoint_meta(run, fold)
+    start, history, best = _resume(run, model, opt, sched, scaler) if resume else (0, [], -1.0)
+    if dd.main:
+        write_json(cfg, run.out_dir / "config.json")
+        write_json(_environment(), run.out_dir / "env.json")
+    tb = _TensorBoard(run.out_dir / "tensorboard", start) if dd.main else None
+    net = cfg["model"]
+    run.log(f"fold {fold}: {len(run.data.train)} training, {len(run.data.val)} validation cases; "
+            f"{net['name']} {net['args']}, patch {tcfg['patch']}, batch {tcfg['batch_size']}"
+            f"{f' x {dd.world} ranks' if dd.world > 1 else ''}, {tcfg['epochs']} epochs x "
+            f"{tcfg['iters_per_epoch']} iterations, {run.dev.type}"
+            f"{' ' + tcfg['amp_dtype'] if tcfg['amp'] else ''}"
+            f"{', augmentation on ' + run.dev.type if on_device else ''}")
     t_start = time.perf_counter()
     for epoch in range(start, tcfg["epochs"]):
-        t0 = time.perf_counter()
-        es = seed * 100_003 + epoch
-        _seed_all(es)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        else:
-            idx = _epoch_indices(len(train_ds), tcfg["iters_per_epoch"] * tcfg["batch_size"],
-                                 seed, epoch, dd.rank, dd.world)
-            if workers == 0:
-                train_ds.transform.set_random_state(seed=es % 2**32)
-            loader = DataLoader(train_ds, batch_size=tcfg["batch_size"], sampler=idx,
-                                num_workers=workers, generator=torch.Generator().manual_seed(es),
-                                persistent_workers=False)
-        bar = _progress(len(loader), f"epoch {epoch + 1}/{tcfg['epochs']}", dd.main)
-        loss, data_wait = _train_epoch(train_model, loader, loss_fn, opt, sched, run_cfg, dev, deep_sup, bar, scaler,
-                                       augmenter)
-        if bar is not None:
-            bar.close()
-        if dd.world > 1:
-            t = torch.tensor([loss], device=dev)
-            dist.all_reduce(t)
-            loss = t.item() / dd.world
-        row = {"epoch": epoch + 1, "train_loss": loss, "lr": sched.get_last_lr()[0],
-               "data_wait": data_wait}
-        if dev.type == "cuda":
-            row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
-        is_val = len(val_ds) and ((epoch + 1) % tcfg["val_every"] == 0 or epoch + 1 == tcfg["epochs"])
-        if is_val:
-            row.update(validate(model, val_ds, run_cfg, dev, dd))
-        row["seconds"] = time.perf_counter() - t0
+        row = _epoch_row(run, epoch, parts, val_ds)
         history.append(row)
         if dd.main:
-            improved = "dice_mean" in row and row["dice_mean"] > best
-            best = row["dice_mean"] if improved else best
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history,
-                     "best": best, "rng": _rng_state(), "config": cfg, "meta": meta}
-            if improved:
-                _save(state, ckpt_dir / "best.pt")
-            _save(state, last)
-            # The PNG costs about 0.2 s: redraw it when there is a new validation point.
-            _write_logs(history, out_dir, plot="dice_mean" in row or epoch + 1 == tcfg["epochs"])
-            tb.log(row)
-            done = epoch + 1
-            eta = (time.perf_counter() - t_start) / (done - start) * (tcfg["epochs"] - done)
-            vals = "  ".join(f"{r} {row[f'dice_{r}']:.3f}" for r in REGIONS) if "dice_mean" in row else ""
-            if vals or done == start + 1 or sys.stderr.isatty():
-                log(f"epoch {done:>3}/{tcfg['epochs']}  loss {loss:.4f}  lr {row['lr']:.2e}  "
-                    f"{row['seconds']:.1f} s  ETA {eta / 60:.1f} min  {vals}".rstrip())
+            best = _after_epoch(run, row, history, best, parts, meta, tb, t_start, start)
         if dd.world > 1:
             dist.barrier()
-
     summary = {"fold": fold, "epochs": tcfg["epochs"], "best_dice_mean": best,
                "final": history[-1] if history else {}, "seconds": time.perf_counter() - t_start,
-               "train_cases": len(data.train), "val_cases": len(data.val), "world_size": dd.world}
+               "train_cases": len(run.data.train), "val_cases": len(run.data.val), "world_size": dd.world}
     if dd.main:
-        final = torch.load(last, map_location="cpu", weights_only=True)
-        # The inference network: without the deep-supervision heads, so the weights
-        # load strictly into `build_network(cfg)` (the bundle's network_def).
-        weights = {k: v for k, v in final["model"].items() if not k.startswith("deep_supervision_heads")}
-        _save({"model": weights, "meta": meta, "config": cfg, "epoch": final["epoch"]},
-              ckpt_dir / "final.pt")
-        write_json(summary, out_dir / "train_summary.json")
+        _finish(run, meta, summary)
         if tb is not None:
             tb.close()
     if dd.world > 1:

@@ -19,10 +19,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import (
-    Compose, MapTransform, RandAdjustContrastd, RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised,
-    RandomizableTransform, RandRotated, RandScaleIntensityd, RandShiftIntensityd, RandZoomd, SpatialPadd,
-)
+from monai.transforms import Compose, MapTransform, RandomizableTransform
 
 from medseg.data.io import load_array
 from medseg.labels import CHANNELS, labels_to_regions
@@ -30,7 +27,7 @@ from medseg.pipeline import PipelineSpec, preprocess, read_case
 
 __all__ = ["IMAGE", "LABEL", "MISSING_FILL", "PreprocessCased",
            "RandModalityDropoutd", "LabelsToRegionsd", "RandRotateZoomd",
-           "RandFlipAxesd", "RandScaleShiftd", "RandGammad", "RandNoised", "preprocessing", "train_augmentation", "patch_augmentation"]
+           "RandFlipAxesd", "RandScaleShiftd", "RandGammad", "RandNoised", "preprocessing", "patch_augmentation"]
 
 IMAGE, LABEL = "image", "label"
 
@@ -133,36 +130,6 @@ def preprocessing(channels: Sequence[str], convention: str, spec: PipelineSpec |
     if with_label:
         steps.append(LabelsToRegionsd(LABEL, convention))
     return Compose(steps)
-
-
-def train_augmentation(patch: Sequence[int], pos: float = 2.0, neg: float = 1.0,
-                       modality_dropout: float = 0.0) -> Compose:
-    """Random patch (tumour over-sampled pos:neg), flips on all axes, rotation and
-    scaling, intensity scale/shift, gamma and noise, then (with `modality_dropout`
-    > 0) modality dropout. A brain box smaller than the patch is zero-padded first,
-    so every patch of a batch has the same shape."""
-    keys = [IMAGE, LABEL]
-    dropout = [RandModalityDropoutd(IMAGE, modality_dropout)] if modality_dropout > 0 else []
-    return Compose([
-        SpatialPadd(keys, spatial_size=tuple(patch)),
-        RandCropByPosNegLabeld(keys, label_key=LABEL, spatial_size=tuple(patch), pos=pos, neg=neg,
-                               num_samples=1, allow_smaller=True),
-        RandRotated(keys, range_x=0.26, range_y=0.26, range_z=0.26, prob=0.2,
-                    mode=("bilinear", "nearest"), padding_mode="zeros", keep_size=True),
-        # "nearest-exact", not "nearest": torch's legacy nearest reads source voxel
-        # floor(i·s) instead of the trilinear grid's nearest, floor((i + ½)·s), shifting
-        # the label up to one voxel from the image (e.g. zoom 1.13 on a 40-voxel axis).
-        RandZoomd(keys, min_zoom=0.85, max_zoom=1.15, prob=0.2, mode=("trilinear", "nearest-exact"),
-                  keep_size=True),
-        RandFlipd(keys, prob=0.5, spatial_axis=0),
-        RandFlipd(keys, prob=0.5, spatial_axis=1),
-        RandFlipd(keys, prob=0.5, spatial_axis=2),
-        RandScaleIntensityd(IMAGE, factors=0.1, prob=0.5),
-        RandShiftIntensityd(IMAGE, offsets=0.1, prob=0.5),
-        RandAdjustContrastd(IMAGE, gamma=(0.7, 1.5), prob=0.3),
-        RandGaussianNoised(IMAGE, std=0.05, prob=0.15),
-        *dropout,
-    ])
 
 
 _GRIDS: dict[tuple, torch.Tensor] = {}
@@ -352,13 +319,16 @@ class RandNoised(RandomizableTransform, MapTransform):
 
 
 def patch_augmentation(modality_dropout: float = 0.0) -> Compose:
-    """The augmentation of `train_augmentation` for a patch already cut from a
-    preprocessed case (`medseg.data.patches`): ``image`` `(4, *patch)` and ``label``
-    the `(1, *patch)` label map (regions are made after, from the moved labels).
-    Same probabilities and ranges, made cheaper per 128³ sample: rotation and
-    zoom in one resampling (`RandRotateZoomd`), the three flips in one copy
-    (`RandFlipAxesd`), intensity scale and shift in one pass (`RandScaleShiftd`),
-    gamma and noise in float32 (`RandGammad`, `RandNoised`); then modality dropout."""
+    """Training augmentation of a patch cut from a preprocessed case
+    (`medseg.data.patches`): ``image`` `(4, *patch)` and ``label`` the `(1, *patch)`
+    label map (regions are made after, from the moved labels). The probabilities and
+    ranges of MONAI's RandRotated (0.2, ±0.26 rad), RandZoomd (0.2, 0.85–1.15),
+    RandFlipd per axis (0.5), RandScaleIntensityd/RandShiftIntensityd (0.5, ±0.1),
+    RandAdjustContrastd (0.3, gamma 0.7–1.5) and RandGaussianNoised (0.15, std
+    0.05), made cheaper per 128³ sample: rotation and zoom in one resampling
+    (`RandRotateZoomd`), the three flips in one copy (`RandFlipAxesd`), intensity
+    scale and shift in one pass (`RandScaleShiftd`), gamma and noise in float32
+    (`RandGammad`, `RandNoised`); then modality dropout."""
     keys = [IMAGE, LABEL]
     dropout = [RandModalityDropoutd(IMAGE, modality_dropout)] if modality_dropout > 0 else []
     return Compose([

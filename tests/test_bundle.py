@@ -111,9 +111,12 @@ def test_train_configs_parse_and_instantiate(files, split):
     item = parser.get_parsed_content("val_transforms")(fold.val[0])
     assert item["image"].shape[0] == len(CHANNELS) and item["label"].shape[0] == len(REGIONS)
     assert item["image"].shape[1:] == item["label"].shape[1:]
-    patch = parser.get_parsed_content("train_transforms")(fold.train[0])
-    patch = patch[0] if isinstance(patch, list) else patch
-    assert list(patch["image"].shape[1:]) == cfg["train"]["patch"]
+    # train_transforms: what training runs on a patch cut from the preprocessed dataset
+    aug = parser.get_parsed_content("train_transforms")
+    assert aug.transforms[0].__class__.__name__ == "RandRotateZoomd"
+    size = cfg["train"]["patch"]
+    patch = aug({"image": torch.ones(4, *size), "label": torch.zeros(1, *size, dtype=torch.uint8)})
+    assert list(patch["image"].shape[1:]) == size and list(patch["label"].shape[1:]) == size
     for key in ("training", "evaluating"):
         if key in parser:   # every id the run entry refers to exists (a typo'd reference fails here)
             refs = parser.ref_resolver.find_refs_in_config(parser[key], key)

@@ -103,9 +103,6 @@ def test_where_augmentation_runs():
     assert augment_on_device(full, gpu) and not augment_on_device(full, cpu)
     assert not augment_on_device(resolve_config("full", ["data.augment=worker"]), gpu)
     assert augment_on_device(resolve_config("full", ["data.augment=device"]), cpu)
-    assert not augment_on_device(resolve_config("full", ["data.cache=memory"]), gpu)
-    with pytest.raises(MedsegError, match="needs data.cache=preprocessed"):
-        augment_on_device(resolve_config("full", ["data.cache=memory", "data.augment=device"]), gpu)
     with pytest.raises(MedsegError, match="data.augment='gpu'"):
         augment_on_device(resolve_config("full", ["data.augment=gpu"]), gpu)
     old = resolve_config("full")

@@ -169,50 +169,14 @@ def test_torchrun_two_cpu_processes(split, tmp_path):
     load_model(out / "checkpoints/final.pt")
 
 
-def test_disk_cache_is_keyed_and_reused(split, tmp_path):
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_retired_caches_are_a_clear_error(split, tmp_path, cache):
+    # One training data path: the preprocessed dataset. An old config asking for the
+    # in-memory or disk cache is told so before anything is built or written.
     dl, root = split()
-    cache = tmp_path / "cache"
-    a = train_fold(tiny("data.cache=\"disk\""), dl, root, 0, tmp_path / "a", cache_dir=cache,
-                   print_fn=lambda s: None)
-    files = sorted(cache.rglob("*.pt"))
-    assert files, "PersistentDataset wrote nothing"
-    stamps = [f.stat().st_mtime_ns for f in files]
-    b = train_fold(tiny("data.cache=\"disk\""), dl, root, 0, tmp_path / "b", cache_dir=cache,
-                   print_fn=lambda s: None)
-    assert [f.stat().st_mtime_ns for f in sorted(cache.rglob("*.pt"))] == stamps
-    assert a["final"] | {"seconds": 0, "data_wait": 0} == b["final"] | {"seconds": 0, "data_wait": 0}
-    # Another spacing is another cache key, never a stale hit.
-    train_fold(tiny("data.cache=\"disk\"", "data.spacing=[5,5,5]"), dl, root, 0, tmp_path / "c",
-               cache_dir=cache, print_fn=lambda s: None)
-    assert len({p.parent for p in cache.rglob("*.pt")}) == 4   # (train, validation) × 2 spacings
-
-
-def test_shared_disk_cache_separates_training_and_validation_items(split, tmp_path):
-    # Fold 0 caches its held-out cases as validation items (not padded); fold 1
-    # trains on those same cases, whose training items are padded to the patch.
-    # With one entry per case, fold 1 would load the validation item and get
-    # patches smaller than train.patch.
-    from medseg.train import _datasets, fold_data
-    dl, root = split()
-    cache = tmp_path / "cache"
-    # A patch larger than the tiny brain box (about 28×32×22 voxels at 6 mm), so
-    # training items are padded and validation items are not.
-    cfg = tiny("data.cache=\"disk\"", "train.patch=[32,32,32]")
-    d0, d1 = fold_data(dl, root, 0), fold_data(dl, root, 1)
-    _, val0 = _datasets(d0, cfg, cache)
-    for i in range(len(val0)):
-        val0[i]
-    train1, _ = _datasets(d1, cfg, cache)
-    shared = {e["id"] for e in d0.val} & {e["id"] for e in d1.train}
-    assert shared, "the folds must share cases for this test"
-    for i, e in enumerate(d1.train):
-        item = train1[i]
-        item = item[0] if isinstance(item, list) else item
-        assert tuple(item["image"].shape[1:]) == tuple(cfg["train"]["patch"]), e["id"]
-    # And the real loop: both folds train with one shared cache folder.
-    for k in (0, 1):
-        train_fold(cfg, dl, root, k, tmp_path / f"f{k}", cache_dir=cache, print_fn=lambda s: None)
-    assert len({p.parent for p in cache.rglob("*.pt")}) == 2     # training items, validation items
+    with pytest.raises(MedsegError, match=rf"data.cache='{cache}'.*retired.*data.cache=preprocessed"):
+        train_fold(tiny(f'data.cache="{cache}"'), dl, root, 0, tmp_path / "r", print_fn=lambda s: None)
+    assert not (tmp_path / "r").exists()
 
 
 def test_fp16_on_cpu_is_refused(split, tmp_path):

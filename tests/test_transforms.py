@@ -6,7 +6,7 @@ from monai.transforms import Zoomd
 
 from medseg.cli import main
 from medseg.data.synth import synthesize
-from medseg.transforms import preprocessing, train_augmentation
+from medseg.transforms import preprocessing
 
 
 def _first(tmp_path, layout):
@@ -95,29 +95,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def test_augmentation_keeps_pairs_aligned(one_thread):
-    d = _blobs()
-    aug = train_augmentation((32, 32, 32))
-    applied, peaks = set(), set()
-    for seed in range(32):
-        aug.set_random_state(seed)
-        s = aug(d)[0]
-        assert s["image"].shape == (4, 32, 32, 32) and s["label"].shape == (3, 32, 32, 32)
-        assert set(torch.unique(s["label"]).tolist()) <= {0.0, 1.0}
-        ops = [op for op in s["label"].applied_operations if op.get("do_transforms", True)]
-        applied.update(op["class"] for op in ops)
-        peaks.add(round(float(s["image"].max())))
-        assert _contradictions(s["image"], s["label"]) == 0, \
-            f"seed {seed}: label and image disagree after {[op['class'] for op in ops]}"
-        # Negative controls, so the check provably can fail: the same sample with the
-        # image alone flipped, or moved by one voxel.
-        assert _contradictions(torch.flip(s["image"].as_tensor(), [1]), s["label"]) > 100
-        assert _contradictions(torch.roll(s["image"].as_tensor(), 1, 2), s["label"]) > 100
-    # The seeds exercised every spatial transform and the intensity scaling.
-    assert {"RandCropByPosNegLabel", "RandRotated", "RandZoomd", "RandFlipd"} <= applied, applied
-    assert min(peaks) < 990 and max(peaks) > 1010, peaks
 
 
 def test_alignment_check_catches_a_half_voxel_label_shift():
