@@ -134,7 +134,12 @@ class PipelineSpec:
         """The spec of a checkpoint's or ONNX file's metadata; models written before
         the spec existed (no ``pipeline`` key) get it from their separate fields."""
         if "pipeline" in meta:
-            return cls.from_dict(meta["pipeline"], source)
+            spec = cls.from_dict(meta["pipeline"], source)
+            if meta.get("label_convention", spec.label_convention) != spec.label_convention:
+                raise MedsegError(f"{source}: label convention {meta['label_convention']!r} in its metadata, "
+                                  f"{spec.label_convention!r} in its pipeline spec; the file was edited by hand "
+                                  "or damaged: re-export it, or use the checkpoint medseg wrote")
+            return spec
         inf = meta.get("infer", meta)
         post = meta.get("postprocessing") or {}
         return cls(spacing=meta["spacing"], roi=meta["roi"], label_convention=meta["label_convention"],

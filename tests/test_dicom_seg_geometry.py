@@ -83,6 +83,16 @@ def _labels() -> np.ndarray:
     return labels
 
 
+@pytest.fixture(autouse=True)
+def _keep_locale():
+    """GDCM's writer resets the process locale to "C" (ASCII): every later
+    `read_text()` of a UTF-8 file in this pytest process would then fail. Restore it."""
+    import locale
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
+
+
 @pytest.mark.parametrize("how", ["2d", "3d-5mm"])
 def test_segmentation_of_a_gdcm_series_reads_back_on_its_grid(tmp_path, how):
     values, lps = _gdcm_series(tmp_path / "c1" / "t1ce", how)

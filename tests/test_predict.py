@@ -169,6 +169,7 @@ def _with_convention(ckpt: Path, convention: str, dst: Path) -> Path:
     import torch
     ck = torch.load(ckpt, map_location="cpu", weights_only=True)
     ck["meta"]["label_convention"] = convention
+    ck["meta"]["pipeline"]["label_convention"] = convention      # the spec says so too
     torch.save(ck, dst)
     return dst
 
