@@ -419,6 +419,7 @@ def readme_commands() -> list[str]:
     return cmds
 
 
+@pytest.mark.slow   # about 2 min: every documented command; the default suite covers each run entry
 def test_bundle_readme_commands_run_as_documented(tiny, tmp_path):
     """Each command of docs/README.md, run as written (paths pointed at the tiny
     data, tiny training values appended): every one exits 0 and leaves its output."""
