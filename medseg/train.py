@@ -769,6 +769,14 @@ def _finish(run: _Run, meta: dict, summary: dict) -> None:
     write_json(summary, run.out_dir / "train_summary.json")
 
 
+def _precision(run: _Run) -> str:
+    """The arithmetic training runs in, as the log says it."""
+    tcfg = run.run_cfg["train"]
+    if not tcfg["amp"] or (run.dev.type == "cpu" and not cpu_bf16_native()):
+        return "float32"
+    return tcfg["amp_dtype"]
+
+
 def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int | None,
                out_dir: str | Path, resume: bool = False, device: str | None = None,
                print_fn: Callable[[str], None] = print, cache_dir: str | Path | None = None,
@@ -796,8 +804,7 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
     run.log(f"fold {fold}: {len(run.data.train)} training, {len(run.data.val)} validation cases; "
             f"{net['name']} {net['args']}, patch {tcfg['patch']}, batch {tcfg['batch_size']}"
             f"{f' x {dd.world} ranks' if dd.world > 1 else ''}, {tcfg['epochs']} epochs x "
-            f"{tcfg['iters_per_epoch']} iterations, {run.dev.type}"
-            f"{' ' + tcfg['amp_dtype'] if tcfg['amp'] else ''}"
+            f"{tcfg['iters_per_epoch']} iterations, {run.dev.type} {_precision(run)}"
             f"{', augmentation on ' + run.dev.type if on_device else ''}")
     t_start = time.perf_counter()
     for epoch in range(start, tcfg["epochs"]):
