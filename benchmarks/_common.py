@@ -127,3 +127,39 @@ def _augmentation_costs(store, case_ids, patch, n_samples, device, seed, batch) 
     device_s = (time.perf_counter() - t0) / (len(batches) * batch)
     return {"worker_s": worker_s, "worker_raw_s": raw_s, "device_s": device_s, "device": str(dev),
             "samples": n_samples}
+
+
+def monai_transforms(channels, convention: str, spacing, patch, training: bool = True):
+    """The standard MONAI way (the MONAI BraTS tutorial's chain): load, channel-first,
+    RAS, Spacingd, brain crop, NormalizeIntensityd, regions; for training, pad,
+    RandCropByPosNegLabeld (2:1) and MONAI's random rotation, zoom, flips, intensity
+    scale/shift, contrast and noise, with the probabilities of medseg's augmentation."""
+    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, LoadImaged,
+                                  NormalizeIntensityd, Orientationd, RandAdjustContrastd,
+                                  RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised, RandRotated,
+                                  RandScaleIntensityd, RandShiftIntensityd, RandZoomd, Spacingd, SpatialPadd)
+    import torch
+    from medseg.transforms import LabelsToRegionsd
+    from medseg.labels import CHANNELS
+    if list(channels) != list(CHANNELS):
+        raise SystemExit(f"the baseline reads channels in {CHANNELS} order, the data has {channels}")
+    keys = ["image", "label"]
+    steps = [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys),
+             Orientationd(keys, axcodes="RAS"), Spacingd(keys, pixdim=tuple(spacing), mode=("bilinear", "nearest")),
+             CropForegroundd(keys, source_key="image", select_fn=lambda x: x > 0, allow_smaller=True),
+             NormalizeIntensityd("image", nonzero=True, channel_wise=True), LabelsToRegionsd("label", convention),
+             EnsureTyped(keys, dtype=torch.float32)]
+    if training:
+        steps += [SpatialPadd(keys, spatial_size=tuple(patch)),
+                  RandCropByPosNegLabeld(keys, label_key="label", spatial_size=tuple(patch), pos=2, neg=1,
+                                         num_samples=1, allow_smaller=True),
+                  RandRotated(keys, range_x=0.26, range_y=0.26, range_z=0.26, prob=0.2,
+                              mode=("bilinear", "nearest"), padding_mode="zeros", keep_size=True),
+                  RandZoomd(keys, min_zoom=0.85, max_zoom=1.15, prob=0.2, mode=("trilinear", "nearest-exact"),
+                            keep_size=True),
+                  *[RandFlipd(keys, prob=0.5, spatial_axis=a) for a in range(3)],
+                  RandScaleIntensityd("image", factors=0.1, prob=0.5),
+                  RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+                  RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
+                  RandGaussianNoised("image", std=0.05, prob=0.15)]
+    return Compose(steps)

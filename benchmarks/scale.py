@@ -66,42 +66,6 @@ def _tree_rss_mb(pid: int) -> float:
     return total
 
 
-def monai_transforms(channels, convention: str, spacing, patch, training: bool = True):
-    """The standard MONAI way (the MONAI BraTS tutorial's chain): load, channel-first,
-    RAS, Spacingd, brain crop, NormalizeIntensityd, regions; for training, pad,
-    RandCropByPosNegLabeld (2:1) and MONAI's random rotation, zoom, flips, intensity
-    scale/shift, contrast and noise, with the probabilities of medseg's augmentation."""
-    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, LoadImaged,
-                                  NormalizeIntensityd, Orientationd, RandAdjustContrastd,
-                                  RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised, RandRotated,
-                                  RandScaleIntensityd, RandShiftIntensityd, RandZoomd, Spacingd, SpatialPadd)
-    import torch
-    from medseg.transforms import LabelsToRegionsd
-    from medseg.labels import CHANNELS
-    if list(channels) != list(CHANNELS):
-        raise SystemExit(f"the baseline reads channels in {CHANNELS} order, the data has {channels}")
-    keys = ["image", "label"]
-    steps = [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys),
-             Orientationd(keys, axcodes="RAS"), Spacingd(keys, pixdim=tuple(spacing), mode=("bilinear", "nearest")),
-             CropForegroundd(keys, source_key="image", select_fn=lambda x: x > 0, allow_smaller=True),
-             NormalizeIntensityd("image", nonzero=True, channel_wise=True), LabelsToRegionsd("label", convention),
-             EnsureTyped(keys, dtype=torch.float32)]
-    if training:
-        steps += [SpatialPadd(keys, spatial_size=tuple(patch)),
-                  RandCropByPosNegLabeld(keys, label_key="label", spatial_size=tuple(patch), pos=2, neg=1,
-                                         num_samples=1, allow_smaller=True),
-                  RandRotated(keys, range_x=0.26, range_y=0.26, range_z=0.26, prob=0.2,
-                              mode=("bilinear", "nearest"), padding_mode="zeros", keep_size=True),
-                  RandZoomd(keys, min_zoom=0.85, max_zoom=1.15, prob=0.2, mode=("trilinear", "nearest-exact"),
-                            keep_size=True),
-                  *[RandFlipd(keys, prob=0.5, spatial_axis=a) for a in range(3)],
-                  RandScaleIntensityd("image", factors=0.1, prob=0.5),
-                  RandShiftIntensityd("image", offsets=0.1, prob=0.5),
-                  RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
-                  RandGaussianNoised("image", std=0.05, prob=0.15)]
-    return Compose(steps)
-
-
 def monai_train(datalist: Path, root: Path, iters: int, model_preset: str) -> None:
     """The baseline training process: every case of `datalist` in a MONAI CacheDataset
     (the deterministic part of `monai_transforms` cached), `iters` iterations of the
@@ -112,6 +76,7 @@ def monai_train(datalist: Path, root: Path, iters: int, model_preset: str) -> No
     from medseg.train import build_criterion, build_network, build_optimizer, fold_data
     cfg = resolve_config("full", [] if model_preset == "full" else [f"model.args.preset={model_preset}"])
     data = fold_data(datalist, root, None)
+    from _common import monai_transforms
     tf = monai_transforms(data.channels, data.convention, cfg["data"]["spacing"], cfg["train"]["patch"])
     ds = CacheDataset(data.train, tf, num_workers=1, progress=False)
     loader = DataLoader(ds, batch_size=cfg["train"]["batch_size"], shuffle=True, num_workers=0)
@@ -174,6 +139,7 @@ def _memory_item_bytes(case: dict, channels, convention, spacing) -> int:
     baseline's training transforms (preprocessing + pad), float32 image + region channels."""
     from medseg.config import resolve_config
     from monai.transforms import Randomizable
+    from _common import monai_transforms
     cfg = resolve_config("full")
     tf = monai_transforms(channels, convention, spacing, cfg["train"]["patch"])
     d = {"image": case["image"], "label": case["label"]}
@@ -193,6 +159,7 @@ def _sample_rates(cases: list[dict], channels, convention, store, n_samples: int
     cfg = resolve_config("full")
     patch = cfg["train"]["patch"]
     # in-memory path: the cached items, then the random part per sample (as a loader worker)
+    from _common import monai_transforms
     tf = monai_transforms(channels, convention, cfg["data"]["spacing"], patch).flatten().transforms
     first = next(i for i, t in enumerate(tf) if isinstance(t, Randomizable))
     cached = []

@@ -10,8 +10,9 @@ same augmentation, each in its own process so that peak memory is its own:
 - **baseline** (as in MONAI's BraTS tutorials): `monai.data.Dataset` with
   `LoadImaged` and the whole preprocessing every iteration, a `DataLoader`
   with a worker, fp32.
-- **medseg**: the trainer's own code: preprocessed volumes cached once
-  (`CacheDataset`), bf16 autocast, the trainer's `_train_epoch` step.
+- **medseg**: the trainer's own code: the preprocessed dataset built once
+  (memory-mapped, read by patches), bf16 autocast where the CPU has it natively,
+  the trainer's `_train_epoch` step.
 
 Printed: steady-state iterations per second after warm-up, the one-off cache
 build time, peak resident memory (main process; DataLoader worker apart), and
@@ -41,13 +42,14 @@ def _worker_peak_mb() -> float:
 def _arm(args) -> dict:
     import torch
     from monai.data import DataLoader, Dataset
-    from monai.transforms import Compose
 
     from medseg.config import resolve_config
     from medseg.losses import build_loss
     from medseg.models import build_model
     from medseg.train import _datasets, _train_epoch, fold_data
-    from medseg.transforms import IMAGE, LABEL, preprocessing, train_augmentation
+    from medseg.transforms import IMAGE, LABEL
+
+    from _common import monai_transforms
 
     cfg = resolve_config(args.preset, args.set)
     tcfg = cfg["train"]
@@ -60,9 +62,12 @@ def _arm(args) -> dict:
     order = [i % len(data.train) for i in range(n)]
     t0 = time.perf_counter()
     if args.arm == "medseg":
-        train_ds, _ = _datasets(data, cfg, None)
+        train_ds, _ = _datasets(data, cfg, Path(args.root).parent / "preprocessed")
         cache_s = time.perf_counter() - t0
-        loader = DataLoader(train_ds, batch_size=tcfg["batch_size"], sampler=order,
+        from medseg.data.patches import EpochSampler
+        sampler = EpochSampler(len(train_ds), n, 0, 0, 1)    # (case, seed) keys, as training draws them
+        sampler.set_epoch(0)
+        loader = DataLoader(train_ds, batch_size=tcfg["batch_size"], sampler=sampler,
                             num_workers=cfg["data"]["num_workers"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         it = iter(loader)
@@ -72,9 +77,8 @@ def _arm(args) -> dict:
         _train_epoch(model, rest, loss_fn, opt, sched, cfg, torch.device("cpu"), True, None)
         seconds = rest.seconds
     else:
-        pre = preprocessing(data.channels, data.convention, cfg["data"]["spacing"])
-        aug = train_augmentation(tcfg["patch"], *tcfg["pos_neg"])
-        ds = Dataset(data.train, Compose([*pre.transforms, *aug.transforms]))
+        ds = Dataset(data.train, monai_transforms(data.channels, data.convention, cfg["data"]["spacing"],
+                                                  tcfg["patch"]))
         cache_s = 0.0
         loader = DataLoader(ds, batch_size=tcfg["batch_size"], sampler=order,
                             num_workers=args.baseline_workers)
