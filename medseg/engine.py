@@ -29,11 +29,17 @@ from medseg.pipeline import (PipelineSpec, gaussian_importance, mirror_flips, pr
 from medseg.postprocess import describe_postprocessing, postprocess
 from medseg.uncertainty import RANGE, STATISTIC, MemberStats, uncertainty_record
 
-__all__ = ["Engine", "ENSEMBLE_KEYS", "ensemble_problem"]
+__all__ = ["Engine", "ENSEMBLE_KEYS", "ensemble_problem", "with_spec"]
 
 #: Model facts that must be equal across the members of an ensemble (the pipeline
 #: spec covers channels, spacing, grid, roi and normalisation).
 ENSEMBLE_KEYS = ("network", "pipeline", "label_convention", "modality_dropout", "input_subsets")
+
+
+def with_spec(meta: dict, source: str) -> dict:
+    """`meta` (checkpoint or ONNX metadata) with its ``pipeline`` spec resolved (models
+    written before the spec: built from their fields, `PipelineSpec.from_meta`)."""
+    return {**meta, "pipeline": PipelineSpec.from_meta(meta, source).to_dict()}
 
 
 def ensemble_problem(metas: Sequence[dict], sources: Sequence[str]) -> str | None:
@@ -114,11 +120,14 @@ class Engine:
             if axes:
                 probs = self._flip(probs, tuple(a + 1 for a in axes))
             for p in probs:
-                if stats is not None:
+                if stats is not None:      # its running sum is the same sum: not kept twice
                     stats.add(p)
-                acc = p + 0 if acc is None else acc + p
+                elif acc is None:
+                    acc = p + 0
+                else:
+                    acc += p
                 n += 1
-        return acc / n
+        return stats.mean() if stats is not None else acc / n
 
     def probabilities(self, images: Sequence[str | Path],
                       channels: Sequence[str] = CHANNELS) -> tuple[np.ndarray, nib.Nifti1Image]:

@@ -38,7 +38,7 @@ from medseg import __version__
 from medseg.data.io import atomic_path
 from medseg.data.synth import FOV_MM, render_case
 from medseg.errors import MedsegError
-from medseg.engine import ensemble_problem
+from medseg.engine import ensemble_problem, with_spec
 from medseg.infer import load_model
 from medseg.labels import CHANNELS, REGIONS, get_convention
 from medseg.metrics import dice
@@ -138,13 +138,14 @@ def _probabilities(logits: np.ndarray) -> np.ndarray:
 def verification_patch(meta: dict, seed: int = 0) -> np.ndarray:
     """A `(1, 4, *roi)` z-scored patch through a synthetic brain and tumour at the
     model's spacing (a real input for the network, not noise)."""
-    spacing = np.asarray(meta["spacing"], np.float64)
+    spec = PipelineSpec.from_meta(meta)
+    spacing = np.asarray(spec.spacing, np.float64)
     shape = tuple(int(round(f / s)) for f, s in zip(FOV_MM, spacing))
     case = render_case(seed, 0, shape=shape, geometry_variation=False)
     img = case.images.astype(np.float32)
     wt = case.classes >= 5   # edema and tumour classes
     c = np.argwhere(wt).mean(0).astype(int) if wt.any() else np.array(shape) // 2
-    roi = np.asarray(meta["roi"])
+    roi = np.asarray(spec.roi)
     lo = np.clip(c - roi // 2, 0, np.maximum(np.array(shape) - roi, 0))
     patch = np.zeros((4, *roi), np.float32)
     sl = tuple(slice(a, a + r) for a, r in zip(lo, roi))
@@ -189,8 +190,7 @@ def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
     out = Path(out)
     loaded = [load_model(p, "cpu") for p in checkpoints]
     models = [m.float().eval() for m, _ in loaded]
-    metas = [{**m, "pipeline": PipelineSpec.from_meta(m, str(p)).to_dict()}
-             for (_, m), p in zip(loaded, checkpoints)]
+    metas = [with_spec(m, str(p)) for (_, m), p in zip(loaded, checkpoints)]
     problem = ensemble_problem(metas, [str(p) for p in checkpoints])
     if problem:
         raise MedsegError(problem)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg.engine import Engine, ensemble_problem
+from medseg.engine import Engine, ensemble_problem, with_spec
 from medseg.errors import MedsegError
 from medseg.models import network_from_spec
 from medseg.pipeline import PipelineSpec
@@ -92,11 +92,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
     return model.to(device).eval(), meta
 
 
-def _resolved(meta: dict, source: str) -> dict:
-    """`meta` with its ``pipeline`` spec (older checkpoints: built from their fields)."""
-    return {**meta, "pipeline": PipelineSpec.from_meta(meta, source).to_dict()}
-
-
 class Predictor(Engine):
     """Fold checkpoints (1..K) → label maps on each case's input grid (`Engine`)."""
 
@@ -110,7 +105,7 @@ class Predictor(Engine):
             raise MedsegError("no checkpoints given")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         loaded = [load_model(p, device) for p in checkpoints]
-        metas = [_resolved(m, str(p)) for (_, m), p in zip(loaded, checkpoints)]
+        metas = [with_spec(m, str(p)) for (_, m), p in zip(loaded, checkpoints)]
         problem = ensemble_problem(metas, [str(p) for p in checkpoints])
         if problem:
             raise MedsegError(problem)
