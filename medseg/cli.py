@@ -223,6 +223,14 @@ def _cmd_predict(a) -> int:
     return 0
 
 
+def _cmd_study(a) -> int:
+    """`medseg study`: list each study's series and the T1/T1ce/T2/FLAIR chosen (no torch)."""
+    from medseg.raw.study import parse_overrides, study_report
+    text, ok = study_report(a.dir, parse_overrides(a.series), a.json)
+    print(text, flush=True)
+    return 0 if ok else 2
+
+
 def _cmd_evaluate(a) -> int:
     from medseg.evaluate import evaluate_folder, format_table
     summary = evaluate_folder(a.pred, a.ref, a.out, a.convention, a.rules)
@@ -341,6 +349,15 @@ _ABOUT = {
                 "every run also writes OUT/volumes.csv (mL per label and region, lesion counts, "
                 "largest lesion's size in mm) and records it per case in OUT/predictions.json;\n"
                 "an interrupted batch continues when run again with the same settings"),
+    "study": ("List the series of raw scanner MRI studies (DICOM files in any folders, or NIfTI + "
+              "dcm2niix JSON sidecars) and which are the T1, T1ce, T2 and FLAIR, with the scored "
+              "reasons and the runner-up of each choice. DIR is one study when it holds image files "
+              "directly or all its DICOM files share one StudyInstanceUID; otherwise each subfolder is "
+              "a study. Exit 2 when a study cannot be identified (ambiguous, missing series, …).",
+              "examples:\n  medseg study /dicom/patient01\n"
+              "  medseg study /dicom/studies --json > series.json\n"
+              "  medseg study /dicom/patient01 --series t1ce=12 --series flair=7   # force choices\n"
+              "  medseg study /dicom/studies --series patient01:t2=1.2.840.1234   # one study only"),
     "evaluate": ("Dice, HD95, Hausdorff, sensitivity, specificity and volumes per case and region.",
                  "example:\n  medseg evaluate --pred masks/ --ref /data/BraTS2021 --out eval/"),
     "export": ("Checkpoints → one verified ONNX file that describes itself (fold ensemble in one "
@@ -498,6 +515,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "the K-th): N jobs with the same --out split a large batch, each resumable; "
                          "a final run without --shard writes predictions.json and volumes.csv")
     pr.set_defaults(func=_cmd_predict)
+
+    st = sub.add_parser("study", help="identify the T1/T1ce/T2/FLAIR series of raw scanner studies")
+    st.add_argument("dir", metavar="DIR", help="a study folder, or a folder of study folders")
+    st.add_argument("--series", action="append", default=[], metavar="[CASE:]ROLE=ID",
+                    help="force a choice: ROLE t1, t1ce, t2 or flair, ID a SeriesNumber or SeriesInstanceUID "
+                    "(NIfTI: the file name); CASE: only for that study (repeatable)")
+    st.add_argument("--json", action="store_true", help="print the series and choices as JSON")
+    st.set_defaults(func=_cmd_study)
 
     ev = sub.add_parser("evaluate", help="Dice, HD95, … per case and region against references")
     ev.add_argument("--pred", required=True, help="folder of <case_id>.nii.gz masks")

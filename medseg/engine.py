@@ -16,7 +16,7 @@ applied by both engines and by export.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -168,11 +168,15 @@ class Engine:
     def predict_case(self, images: Sequence[str | Path], target: str | Path, convention: str | None = None,
                      channels: Sequence[str] = CHANNELS, probs_target: str | Path | None = None,
                      uncertainty_target: str | Path | None = None,
-                     review_threshold: float | None = None) -> tuple[np.ndarray, dict]:
+                     review_threshold: float | None = None,
+                     space: Callable | None = None) -> tuple[np.ndarray, dict]:
         """Predict one case and write `target` (uint8 mask on the input grid); with
         `probs_target` the TC/WT/ET probabilities, with `uncertainty_target` the
         `STATISTIC` map (4D float32, X, Y, Z, 3) → (labels, extra record: the case's
-        ``uncertainty`` record when asked)."""
+        ``uncertainty`` record when asked). `space` (a raw study's, `InputCase.space`)
+        maps the probabilities and uncertainty from the input's grid onto another
+        grid (the native series') → (maps, its header image); thresholds,
+        post-processing and the outputs then happen there."""
         conv = convention or self.spec.label_convention
         source = f"medseg {self.meta.get('medseg_version', '')} {self.engine}"
         extra: dict = {}
@@ -180,6 +184,9 @@ class Engine:
             probs, maps, ref = self.uncertainty(images, channels)
         else:
             (probs, ref), maps = self.probabilities(images, channels), None
+        if space is not None:
+            stack, ref = space(np.concatenate([probs] + ([maps[STATISTIC]] if maps else [])))
+            probs, maps = stack[:3], ({STATISTIC: stack[3:6]} if maps else None)
         regions, voxel_ml = self.regions(probs, ref)
         labels = regions_to_labels(regions, conv)
         write_label_map(labels, ref, Path(target), conv, source=source)

@@ -174,14 +174,15 @@ def predict_all(engine: "Engine", cases: list[InputCase], out_dir: str | Path,
     def one(case: InputCase, outs: list[Path]) -> dict:
         labels, extra = engine.predict_case(
             case.images, outs[0], conv, case.channels, outs[1] if probabilities else None,
-            out_dir / f"{case.case_id}_uncertainty.nii.gz" if uncertainty else None, review_threshold)
+            out_dir / f"{case.case_id}_uncertainty.nii.gz" if uncertainty else None, review_threshold,
+            case.space)
         if uncertainty and extra["uncertainty"]["review"]:
             print_fn(f"{case.case_id}: review (uncertainty {extra['uncertainty']['case_score']:.4g} "
                      f">= {review_threshold:.4g})")
         affine = load_header(outs[0]).affine        # the grid as viewers read the mask
         if viewer_files:
             write_viewer_files(labels, affine, conv, outs[-2:])
-        return {"volumes": case_volumetry(labels, affine, conv, str(outs[0])), **extra}
+        return {"volumes": case_volumetry(labels, affine, conv, str(outs[0])), **extra, **(case.record or {})}
 
     res = run_batch(cases, out_dir, input_root, targets, overwrite, run,
                     with_dicom(one, out_dir, conv, engine.describe(), engine.engine), print_fn, shard=shard)

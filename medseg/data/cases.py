@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from medseg.labels import CHANNELS
 
@@ -32,6 +32,13 @@ class InputCase:
     #: or refuses it.
     accepts_missing: bool | None = None
     predicted_by: str = ""
+    #: Raw-study input (`medseg.raw`): `images` are the atlas-space case, `space` maps
+    #: `(C, …)` maps on its grid onto the native grid of the reference series →
+    #: (maps, that grid's header image), and `record` (identification, QC,
+    #: transforms) joins the case's entry in predictions.json. `dicom` then holds the
+    #: reference series only (for the DICOM Segmentation).
+    space: Callable | None = None
+    record: dict | None = None
 
     @property
     def missing(self) -> list[str]:

@@ -45,6 +45,7 @@ writers (GDCM: SimpleITK, ITK) fill with 1 or the acquired thickness.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -62,7 +63,7 @@ from medseg.errors import DataError, MedsegError
 from medseg.labels import CHANNELS, CLASS_COLOURS, get_convention
 
 __all__ = ["SERIES_NAMES", "REFERENCE_ORDER", "MR_IMAGE_STORAGE", "DicomSeries", "DicomCase",
-           "read_series", "dicom_case", "dicom_cases", "is_dicom_input", "write_seg", "seg_segments",
+           "read_series", "read_series_files", "dicom_case", "dicom_cases", "is_dicom_input", "write_seg", "seg_segments",
            "write_series"]
 
 #: Series folder names (lower case) → medseg channel: the BraTS 2021 and 2023 modality names.
@@ -191,7 +192,7 @@ def _image(path: Path) -> Dataset:
     return ds
 
 
-def _one_series(folder: Path, images: Sequence[Dataset]) -> None:
+def _one_series(folder: str | Path, images: Sequence[Dataset]) -> None:
     uids: dict[str, list[Dataset]] = {}
     for ds in images:
         uids.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
@@ -202,7 +203,7 @@ def _one_series(folder: Path, images: Sequence[Dataset]) -> None:
                         "expected one series per folder: move each series into a folder of its own")
 
 
-def _check_same(folder: Path, files: Sequence[Path], images: Sequence[Dataset], attr: str,
+def _check_same(folder: str | Path, files: Sequence[Path], images: Sequence[Dataset], attr: str,
                 tol: float) -> None:
     ref = np.asarray(images[0].get(attr), np.float64)
     for path, ds in zip(files[1:], images[1:]):
@@ -213,7 +214,7 @@ def _check_same(folder: Path, files: Sequence[Path], images: Sequence[Dataset], 
                             "grid): a series of several stacks (e.g. a localizer) is not one volume")
 
 
-def _geometry(folder: Path, files: Sequence[Path],
+def _geometry(folder: str | Path, files: Sequence[Path],
               images: Sequence[Dataset]) -> tuple[np.ndarray, np.ndarray]:
     """→ (the slice order along the normal, the RAS affine of the sorted volume);
     a `DataError` for duplicate, missing, unevenly spaced or sheared slices."""
@@ -274,10 +275,26 @@ def read_series(folder: str | Path) -> DicomSeries:
                         "series directly in this folder (one folder per series)")
     if not entries:
         raise DataError(f"{folder}: no DICOM files; expected the images of one MR series")
-    images = [_image(p) for p in entries]
-    _one_series(folder, images)
-    order, affine = _geometry(folder, entries, images)
-    return DicomSeries(folder, [entries[i] for i in order], [images[i] for i in order], affine)
+    return read_series_files(entries, folder, folder)
+
+
+def read_series_files(files: Sequence[str | Path], label: str | Path,
+                      folder: str | Path | None = None) -> DicomSeries:
+    """Read and check one DICOM series from an explicit list of files (any folders,
+    e.g. one series picked out of a folder of mixed files), with the checks of
+    `read_series`. `label` names the series in every message about the series as a
+    whole (e.g. ``"/data/study1: series 5 't2_tse_tra'"``; messages about one file
+    name the file); `folder` becomes `DicomSeries.folder` (default: the files'
+    common folder)."""
+    files = [Path(f) for f in files]
+    if not files:
+        raise DataError(f"{label}: no DICOM files; expected the images of one MR series")
+    if folder is None:
+        folder = Path(os.path.commonpath([str(f.absolute().parent) for f in files]))
+    images = [_image(p) for p in files]
+    _one_series(label, images)
+    order, affine = _geometry(label, files, images)
+    return DicomSeries(Path(folder), [files[i] for i in order], [images[i] for i in order], affine)
 
 
 # ------------------------------------------------------------------- cases
@@ -487,12 +504,19 @@ def write_seg(labels: np.ndarray, case: DicomCase, convention: str, target: str 
 
 def write_series(image: nib.Nifti1Image, folder: str | Path, description: str = "",
                  uids: Mapping[str, str] | None = None, rescale: tuple[float, float] = (1.0, 0.0),
-                 patient_id: str = "MEDSEG-SYNTH") -> list[Path]:
+                 patient_id: str = "MEDSEG-SYNTH", tags: Mapping[str, object] | None = None) -> list[Path]:
     """A NIfTI image → a DICOM MR series in `folder`, one file per slice along its
     third stored axis (synthetic test and benchmark data). `uids` may fix
     StudyInstanceUID and FrameOfReferenceUID (so several series form one study);
     `rescale` is (slope, intercept): stored values are (value − intercept) / slope,
-    which must be int16 integers."""
+    which must be int16 integers. `tags` sets or overrides DICOM attributes of every
+    file by keyword, after the defaults (e.g. SeriesDescription, ProtocolName,
+    SeriesNumber, EchoTime, RepetitionTime, InversionTime, ScanningSequence,
+    SequenceVariant, MRAcquisitionType, ContrastBolusAgent, ImageType, Manufacturer,
+    PatientID, SeriesInstanceUID, AcquisitionTime); a value of None removes the
+    attribute; SOPClassUID also sets the file meta's MediaStorageSOPClassUID. The
+    defaults are ImageType DERIVED\\SECONDARY, SeriesNumber 1, Manufacturer
+    "medseg synthetic" and no acquisition parameters."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
     from pydicom.valuerep import format_number_as_ds
@@ -533,6 +557,14 @@ def write_series(image: nib.Nifti1Image, folder: str | Path, description: str = 
         if rescale != (1.0, 0.0):
             ds.RescaleSlope, ds.RescaleIntercept = format_number_as_ds(slope), format_number_as_ds(intercept)
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T.astype("<i2")).tobytes()
+        for key, value in (tags or {}).items():
+            if value is None:
+                if key in ds:
+                    delattr(ds, key)
+            else:
+                setattr(ds, key, value)
+                if key == "SOPClassUID":
+                    ds.file_meta.MediaStorageSOPClassUID = value
         path = folder / f"IM{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         out.append(path)

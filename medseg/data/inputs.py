@@ -45,11 +45,14 @@ def with_dicom(predict_one: Callable[[InputCase, Sequence[Path]], dict | None], 
     (`medseg.data.dicom.write_seg`: `model`, `engine`, `convention` recorded);
     the case's record says which series it references."""
     def one(case: InputCase, outs: Sequence[Path]) -> dict | None:
-        if case.dicom is None:
-            return predict_one(case, outs)
+        if case.dicom is None or case.space is not None:   # raw studies predict their atlas case
+            record = predict_one(case, outs)
+            if case.dicom is None:
+                return record
+        else:
+            with tempfile.TemporaryDirectory(prefix="medseg-dicom-") as tmp:
+                record = predict_one(replace(case, images=case.dicom.to_nifti(Path(tmp))), outs)
         from medseg.data.dicom import write_seg
-        with tempfile.TemporaryDirectory(prefix="medseg-dicom-") as tmp:
-            record = predict_one(replace(case, images=case.dicom.to_nifti(Path(tmp))), outs)
         seg = dicom_seg_path(out_dir, case)[0]
         write_seg(load_array(outs[0], dtype=np.uint8), case.dicom, convention, seg, model, engine)
         ref = case.dicom.reference
@@ -360,7 +363,7 @@ def _read_case(case: InputCase) -> list[tuple[str, Path, float]]:
     """Read every file of `case` once (headers, grids and voxel data: a truncated
     ``.nii.gz`` shows only when decoded) → its blank modalities (`constant_value`):
     (channel, file or series folder, the value)."""
-    if case.dicom is not None:   # headers were checked when the case was made; the pixels here
+    if case.dicom is not None and case.space is None:   # headers were checked when the case was made; the pixels here
         vols = ((ch, s.folder, s.volume()) for ch, s in case.dicom.series.items())
         return [(ch, f, v) for ch, f, vol in vols if (v := constant_value(vol)) is not None]
     blank = []
