@@ -194,8 +194,51 @@ def _cmd_cv(a) -> int:
     return 0
 
 
+def _cmd_predict_raw(a) -> int:
+    """`medseg predict --raw`: raw studies → atlas-space cases → masks on the native series."""
+    from medseg.data.inputs import accepts_missing
+    from medseg.raw.run import manual_study, prepare_studies, raw_studies
+    from medseg.raw.study import parse_overrides
+    files = {ch: getattr(a, ch) or getattr(a, alias) for ch, alias in
+             (("t1", "t1n"), ("t1ce", "t1c"), ("t2", "t2w"), ("flair", "t2f"))}
+    if a.input and any(files.values()):
+        raise MedsegError("--raw: give either --input (a folder of studies) or the series (--t1ce …), not both")
+    if a.shard:
+        raise MedsegError("--raw does not take --shard: split the studies into folders instead")
+    studies = (raw_studies(a.input) if a.input else [manual_study(files, a.case_id)] if any(files.values())
+               else None)
+    if not studies:
+        raise MedsegError("nothing to predict: pass --raw --input DIR (one folder per study) or --raw --t1ce …")
+    from medseg.predict import open_engine, predict_all, review_threshold
+    engine = open_engine(a.model, a.engine, a.device, a.overlap, a.sw_batch_size, False if a.no_amp else None,
+                         a.tta or a.uncertainty, a.min_component_ml, a.et_min_ml)
+    review = review_threshold(engine, a.review_threshold, _say) if a.uncertainty else None
+    missing_ok = ("t1", "t2", "flair") if accepts_missing(engine.meta) else ()
+    cases, failed = prepare_studies(studies, a.out, reference=a.reference, overrides=parse_overrides(a.series),
+                                    missing_ok=missing_ok, atlas=a.atlas, extractor=a.brain_extractor,
+                                    atlas_mm=a.atlas_spacing,
+                                    accept_review=a.accept_review, overwrite=a.overwrite, print_fn=_say)
+    if cases:
+        predict_all(engine, cases, a.out, Path(a.input) if a.input else None, a.convention, a.overwrite,
+                    a.probabilities, print_fn=_say, viewer_files=a.viewer_files, uncertainty=a.uncertainty,
+                    review_threshold=review,
+                    raw={"atlas": a.atlas, "brain_extractor": a.brain_extractor, "reference": a.reference,
+                         "atlas_spacing": a.atlas_spacing})
+        from medseg.raw.run import write_qc_pictures
+        write_qc_pictures(cases, a.out, _say)
+    if failed:
+        _say(f"{len(failed)} of {len(studies)} studies got no mask (see {Path(a.out) / 'raw_failed.json'}): "
+             + ", ".join(failed))
+        return 1
+    return 0
+
+
 def _cmd_predict(a) -> int:
     from medseg.data.inputs import cases_from_input, parse_shard, shard_cases, single_case
+    if a.raw:
+        return _cmd_predict_raw(a)
+    if a.series or a.accept_review:
+        raise MedsegError("--series and --accept-review belong to raw studies: add --raw")
     shard = parse_shard(a.shard)
     files = {k: getattr(a, k) for k in ("t1", "t1ce", "t2", "flair", "t1n", "t1c", "t2w", "t2f")}
     if a.input and any(files.values()):
@@ -514,6 +557,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="predict only shard K of N of the batch (cases in id order, every N-th from "
                          "the K-th): N jobs with the same --out split a large batch, each resumable; "
                          "a final run without --shard writes predictions.json and volumes.csv")
+    raw = pr.add_argument_group("raw scanner studies (--raw; README: Raw studies)")
+    raw.add_argument("--raw", action="store_true",
+                     help="--input holds raw studies (one folder per study: the scanner's DICOM files in "
+                          "any nesting, or NIfTI + JSON sidecars), or --t1ce … name series on their own "
+                          "grids: identify, N4, co-register, skull-strip, register to the atlas, predict, "
+                          "and map the mask back onto the reference series' native grid")
+    raw.add_argument("--series", action="append", default=[], metavar="[CASE:]ROLE=ID",
+                     help="force a series choice: ROLE t1|t1ce|t2|flair, ID a SeriesNumber, "
+                          "SeriesInstanceUID or NIfTI file name (repeatable)")
+    raw.add_argument("--reference", default="t1ce", choices=["t1ce", "flair", "t1", "t2"],
+                     help="the native series whose grid the mask is written on (default t1ce)")
+    raw.add_argument("--atlas", default="mni152",
+                     help="atlas: mni152 (ICBM 2009c, shipped by nilearn) or a skull-stripped T1 atlas "
+                          "NIfTI file (e.g. SRI24 for models trained on BraTS <= 2023 data)")
+    raw.add_argument("--atlas-spacing", type=float, metavar="MM",
+                     help="atlas-space voxel size in mm (default: the atlas's, 1 mm; coarser is faster)")
+    raw.add_argument("--brain-extractor", default="builtin", choices=["builtin", "hd-bet", "synthstrip"],
+                     help="builtin (no download, no GPU), or HD-BET / SynthStrip when installed")
+    raw.add_argument("--accept-review", action="store_true",
+                     help="write masks of studies whose registration or brain mask QC flags as "
+                          "implausible (recorded as review: true) instead of refusing them")
     pr.set_defaults(func=_cmd_predict)
 
     st = sub.add_parser("study", help="identify the T1/T1ce/T2/FLAIR series of raw scanner studies")

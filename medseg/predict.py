@@ -146,7 +146,8 @@ def predict_all(engine: "Engine", cases: list[InputCase], out_dir: str | Path,
                 input_root: Path | None, convention: str | None = None, overwrite: bool = False,
                 probabilities: bool = False, print_fn: Callable[[str], None] = print,
                 viewer_files: bool = False, uncertainty: bool = False,
-                review_threshold: float | None = None, shard: tuple[int, int] | None = None) -> list[Path]:
+                review_threshold: float | None = None, shard: tuple[int, int] | None = None,
+                raw: dict | None = None) -> list[Path]:
     """The one batch driver of both engines: every case → ``out_dir/<case_id>.nii.gz``
     (`medseg.data.inputs.run_batch`: inputs checked first, an interrupted batch
     continued, shards), its volumetry into ``predictions.json`` and ``volumes.csv``;
@@ -154,7 +155,8 @@ def predict_all(engine: "Engine", cases: list[InputCase], out_dir: str | Path,
     `viewer_files` the ITK-SNAP and Slicer label files; with `uncertainty`
     ``<case_id>_uncertainty.nii.gz`` and the case's ``uncertainty`` record (review flag
     at `review_threshold`, which the caller resolves with `review_threshold`); DICOM
-    input also gets a DICOM Segmentation. Returns the mask paths."""
+    input also gets a DICOM Segmentation. `raw`: the raw-study settings (atlas,
+    brain extractor, reference series) recorded with the run. Returns the mask paths."""
     out_dir = Path(out_dir)
     if uncertainty and engine.members() < 2:
         raise MedsegError(f"--uncertainty needs at least 2 members per case, this prediction has "
@@ -169,7 +171,7 @@ def predict_all(engine: "Engine", cases: list[InputCase], out_dir: str | Path,
            "mirror_tta": engine.mirror, "members": engine.members(), "probabilities": probabilities,
            "postprocessing": post, "min_component_ml": engine.spec.min_component_ml,
            "et_min_ml": engine.spec.et_min_ml, "uncertainty": STATISTIC if uncertainty else None,
-           "review_threshold": review_threshold}
+           "review_threshold": review_threshold, **({"raw": raw} if raw else {})}
 
     def one(case: InputCase, outs: list[Path]) -> dict:
         labels, extra = engine.predict_case(

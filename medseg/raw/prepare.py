@@ -174,12 +174,14 @@ def _check_motion(qc: dict, role: str, m: np.ndarray) -> None:
 
 
 def prepare(case_id: str, series: Mapping[str, tuple[np.ndarray, np.ndarray]], out_dir: str | Path,
-            atlas: str = "mni152", extractor: str = "builtin", same_frame: bool = True) -> PreparedCase:
+            atlas: str = "mni152", extractor: str = "builtin", same_frame: bool = True,
+            atlas_mm: float | None = None) -> PreparedCase:
     """Bring one study into the atlas space.
 
     `series`: role (t1, t1ce, t2, flair; t1ce required) → (volume, RAS affine) on its
     native grid. Writes `out_dir/<case_id>/` (BraTS 2023 layout, + ``brain_mask``,
-    ``transforms.json``) atomically and returns the `PreparedCase`.
+    ``transforms.json``) atomically and returns the `PreparedCase`. `atlas_mm`: the
+    atlas-space voxel size (default: the atlas's own, 1 mm).
     """
     if "t1ce" not in series:
         raise DataError(f"{case_id}: no post-contrast T1 (T1ce) series; the raw path registers every "
@@ -223,6 +225,8 @@ def prepare(case_id: str, series: Mapping[str, tuple[np.ndarray, np.ndarray]], o
     t0 = tick("brain", t0)
 
     atlas_img = sitk.Cast(sitk.ReadImage(str(atlas_path)), sitk.sitkFloat32)
+    if atlas_mm:
+        atlas_img = sitk.BinShrink(atlas_img, [max(1, int(round(atlas_mm / s))) for s in atlas_img.GetSpacing()])
     atlas_brain = sitk.Cast(atlas_img > 0, sitk.sitkUInt8)
     t_atlas, metric = rg.to_atlas(atlas_img, fixed * sitk.Cast(brain, sitk.sitkFloat32),
                                   sitk.BinaryDilate(atlas_brain, [4, 4, 4]))

@@ -34,13 +34,13 @@ import nibabel as nib
 import numpy as np
 
 from medseg.data.cases import InputCase
-from medseg.data.io import write_json
+from medseg.data.io import write_json, write_nifti
 from medseg.errors import DataError, MedsegError
 from medseg.labels import CHANNELS
 from medseg.raw.prepare import LAYOUT_KEYS, PreparedCase, prepare
 
 __all__ = ["ATLAS_DIR", "FAILED", "RawStudy", "raw_studies", "manual_study", "prepare_studies",
-           "load_prepared"]
+           "load_prepared", "write_qc_pictures"]
 
 #: Where the atlas-space cases go, inside OUT.
 ATLAS_DIR = "atlas_space"
@@ -58,10 +58,26 @@ class RawStudy:
 
 
 def raw_studies(root: str | Path) -> list[RawStudy]:
-    """``--raw --input DIR``: DIR is one study or a folder of studies (the rule of
-    `medseg.raw.study.find_studies`)."""
+    """``--raw --input DIR``: DIR holds one folder per study, the case id is the
+    folder's name (`medseg.raw.study.find_studies` splits DIR into them)."""
     from medseg.raw.study import find_studies
-    return [RawStudy(f.name, f) for f in find_studies(Path(root))]
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"--input {root}: folder not found; expected a folder with one folder per study")
+    loose = [p.name for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    subs = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    if loose:
+        raise DataError(f"--input {root}: holds files directly ({', '.join(loose[:3])}…); --raw --input "
+                        "takes a folder with one folder per study (the case id is its name): move this "
+                        f"study's files into {root}/<case_id>/ and pass --input {root}")
+    folders = find_studies(root)
+    if folders == [root]:        # every file below is one study
+        if len(subs) == 1:
+            return [RawStudy(subs[0].name, subs[0])]
+        raise DataError(f"--input {root}: its {len(subs)} folders ({', '.join(p.name for p in subs[:4])}…) "
+                        "hold one study (one StudyInstanceUID); --raw --input takes a folder with one "
+                        f"folder per study: pass --input {root.parent} if {root.name} is the study folder")
+    return [RawStudy(f.name, f) for f in folders]
 
 
 def manual_study(files: Mapping[str, str | Path | None], case_id: str | None) -> RawStudy:
@@ -126,18 +142,44 @@ def load_prepared(folder: Path) -> PreparedCase | None:
 
 
 def _space(prepared: PreparedCase, role: str) -> Callable:
+    """`InputCase.space` of a prepared study: maps on its atlas grid → `role`'s native grid."""
     def to_native(maps: np.ndarray) -> tuple[np.ndarray, nib.Nifti1Image]:
         out, affine = prepared.to_native(maps, role)
         ref = nib.Nifti1Image(np.zeros(out.shape[1:], np.uint8), affine)
         ref.set_sform(affine, 1)
         ref.set_qform(affine, 1)
         return out, ref
+    to_native.prepared, to_native.role = prepared, role
     return to_native
 
 
+def write_qc_pictures(cases: Sequence[InputCase], out_dir: str | Path,
+                      print_fn: Callable[[str], None] = print) -> None:
+    """``OUT/qc/<case>.png`` for each predicted raw study (`medseg.raw.qc`), when
+    matplotlib is installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print_fn("note: no QC pictures (they need matplotlib: pip install 'medseg[viz]')")
+        return
+    from medseg.raw.qc import qc_picture
+    out_dir = Path(out_dir)
+    for case in cases:
+        mask = out_dir / f"{case.case_id}.nii.gz"
+        if case.space is None or not mask.exists():
+            continue
+        prepared, role = case.space.prepared, case.space.role
+        img = nib.load(str(prepared.folder / "native" / f"{role}.nii.gz"))
+        conv = json.loads((out_dir / "predictions.json").read_text())["run"]["label_convention"]
+        qc_picture(prepared, mask, (np.asarray(img.dataobj, np.float32), img.affine), conv,
+                   out_dir / "qc" / f"{case.case_id}.png")
+    print_fn(f"QC pictures: {out_dir / 'qc'}/<case>.png (registration edges, brain outline, mask)")
+
+
 def prepare_studies(studies: Sequence[RawStudy], out_dir: str | Path, *, reference: str = "t1ce",
-                    overrides: Mapping[str, str] | None = None, missing_ok: Sequence[str] = (),
-                    atlas: str = "mni152", extractor: str = "builtin", accept_review: bool = False,
+                    overrides: Mapping[str, Mapping[str, str]] | None = None, missing_ok: Sequence[str] = (),
+                    atlas: str = "mni152", extractor: str = "builtin", atlas_mm: float | None = None,
+                    accept_review: bool = False,
                     overwrite: bool = False,
                     print_fn: Callable[[str], None] = print) -> tuple[list[InputCase], dict[str, str]]:
     """Identify and prepare every study → (the atlas-space InputCases to predict, each
@@ -154,17 +196,22 @@ def prepare_studies(studies: Sequence[RawStudy], out_dir: str | Path, *, referen
             if study.files:
                 series, dicom, ident = _manual_series(study)
             else:
-                series, dicom, ident = _identified_series(study, overrides or {}, missing_ok, print_fn)
+                from medseg.raw.study import overrides_for
+                series, dicom, ident = _identified_series(study, overrides_for(overrides or {}, study.case_id),
+                                                          missing_ok, print_fn)
             if reference not in series:
                 raise DataError(f"{study.case_id}: no {reference} series to put the mask on (--reference "
                                 f"{reference}); choose another --reference or name the series with --series")
             if prepared is None:
-                prepared = prepare(study.case_id, series, out_dir / ATLAS_DIR, atlas, extractor)
+                prepared = prepare(study.case_id, series, out_dir / ATLAS_DIR, atlas, extractor, atlas_mm=atlas_mm)
                 steps = ", ".join(f"{k} {v:.1f} s" for k, v in prepared.seconds.items())
                 print_fn(f"{study.case_id}: atlas space {prepared.folder} ({steps}; brain "
                          f"{prepared.qc['brain_ml']:.0f} mL, extractor {extractor})")
             else:
                 print_fn(f"{study.case_id}: atlas space {prepared.folder} (prepared by an earlier run)")
+            native_ref = prepared.folder / "native" / f"{reference}.nii.gz"
+            if not native_ref.exists():     # the reference series as NIfTI: the mask's grid, for viewers
+                write_nifti(series[reference][0], series[reference][1], native_ref)
             reasons = prepared.review_reasons
             if reasons and not accept_review:
                 raise DataError(f"{study.case_id}: quality control failed, no mask written: "
@@ -174,9 +221,10 @@ def prepare_studies(studies: Sequence[RawStudy], out_dir: str | Path, *, referen
                               "review": bool(reasons), "review_reasons": reasons}}
             ref_dicom = dicom.get(reference)
             channels = [c for c in CHANNELS if c in prepared.images]
+            space = _space(prepared, reference)
             cases.append(InputCase(study.case_id, [prepared.images[c] for c in channels], channels,
                                    dicom=DicomCase({reference: ref_dicom}) if ref_dicom is not None else None,
-                                   space=_space(prepared, reference), record=record))
+                                   space=space, record=record))
         except MedsegError as exc:
             failed[study.case_id] = str(exc)
             print_fn(f"{study.case_id}: FAILED: {exc}")
