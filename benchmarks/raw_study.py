@@ -112,7 +112,7 @@ def main() -> int:
             errors[r].append(e)
         row["registration_mm"] = {r: {"median": float(np.median(e)), "max": float(e.max())} for r, e in errs.items()}
         ref_brain = nib.load(truth["roles"]["t1ce"]["brain_path"])
-        est_brain = np.asarray(nib.load(str(prepared.folder / "native" / "brain_t1ce.nii.gz")).dataobj) > 0
+        est_brain = np.asarray(nib.load(str(prepared.folder / "native" / "brain_mask_t1ce_grid.nii.gz")).dataobj) > 0
         row["brain_dice"] = _dice(est_brain, np.asarray(ref_brain.dataobj) > 0)
         if engine is not None:
             labels_ref = np.asarray(nib.load(truth["roles"]["t1ce"]["labels_path"]).dataobj)

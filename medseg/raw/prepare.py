@@ -276,7 +276,7 @@ def prepare(case_id: str, series: Mapping[str, tuple[np.ndarray, np.ndarray]], o
         # The brain mask where it was made, on the T1ce's native grid (QC, benchmarks).
         (tmp / "native").mkdir()
         b_nat, a_nat = rg.from_sitk(brain)
-        write_nifti(b_nat.astype(np.uint8), a_nat, tmp / "native" / "brain_t1ce.nii.gz")
+        write_nifti(b_nat.astype(np.uint8), a_nat, tmp / "native" / "brain_mask_t1ce_grid.nii.gz")
         t0 = tick("resample", t0)
         prepared = PreparedCase(case_id, out_case, files, out_case / f"{case_id}-brain.nii.gz",
                                 f"{atlas} ({atlas_desc})", extractor,

@@ -140,10 +140,11 @@ def head_mask(img: sitk.Image, work_mm: float = 2.5) -> sitk.Image:
     return sitk.Cast(resample(closed, img, None, linear=False) > 0.5, sitk.sitkUInt8)
 
 
-def n4(img: sitk.Image, mask: sitk.Image | None = None, shrink_mm: float = 4.0,
-       iterations: tuple[int, ...] = (50, 40, 30)) -> sitk.Image:
+def n4(img: sitk.Image, mask: sitk.Image | None = None, shrink_mm: float = 6.0,
+       iterations: tuple[int, ...] = (40, 30)) -> sitk.Image:
     """N4 bias correction: fitted at about `shrink_mm` inside `mask` (default: the
-    head), applied at full resolution → float32 corrected image."""
+    head) with two fitting levels (4 and 8 control points per axis: the field of a
+    head coil is smooth), applied at full resolution → float32 corrected image."""
     img = sitk.Cast(img, sitk.sitkFloat32)
     img = sitk.Maximum(img, 1e-3)
     mask = head_mask(img) if mask is None else mask
@@ -160,6 +161,14 @@ def n4(img: sitk.Image, mask: sitk.Image | None = None, shrink_mm: float = 4.0,
 def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
               fixed_mask: sitk.Image | None, levels_mm: tuple[float, ...], iterations: int,
               samples: int, seed: int) -> tuple[sitk.Transform, float]:
+    """Multi-resolution Mattes MI registration. Both images are first averaged down to
+    about the finest level's voxel size (`levels_mm[-1]`; a thick-slice axis stays as
+    it is), so the pyramid never smooths millions of voxels it would not use."""
+    finest = levels_mm[-1]
+    fixed = sitk.BinShrink(fixed, _shrink_factors(fixed, finest))
+    moving = sitk.BinShrink(moving, _shrink_factors(moving, finest))
+    if fixed_mask is not None:
+        fixed_mask = sitk.Cast(resample(fixed_mask, fixed, None, linear=False) > 0.5, sitk.sitkUInt8)
     r = sitk.ImageRegistrationMethod()
     r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     r.SetMetricSamplingStrategy(r.RANDOM)
@@ -170,15 +179,14 @@ def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
     sp = min(fixed.GetSpacing())
     shrink = [max(1, int(round(l / sp))) for l in levels_mm]
     r.SetShrinkFactorsPerLevel(shrink)
+    r.SetSmoothingSigmasPerLevel([l / 2.0 if l > finest else 0.0 for l in levels_mm])
+    r.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     # About `samples` metric points per level, whatever the image size.
     n = float(np.prod(fixed.GetSize()))
     if fixed_mask is not None:
         n *= max(float(np.asarray(sitk.GetArrayViewFromImage(fixed_mask)).mean()), 0.05)
-    r.SetMetricSamplingPercentagePerLevel([min(1.0, samples * f ** 3 / n) for f in shrink], seed)
-    r.SetSmoothingSigmasPerLevel([l / 2.0 for l in levels_mm])
-    r.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    if fixed_mask is not None:
         r.SetMetricFixedMask(fixed_mask)
+    r.SetMetricSamplingPercentagePerLevel([min(1.0, samples * f ** 3 / n) for f in shrink], seed)
     r.SetInitialTransform(initial, inPlace=False)
     out = r.Execute(fixed, moving)
     return out, float(r.GetMetricValue())
@@ -201,7 +209,7 @@ def rigid(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None =
     else:
         init = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
                                                  sitk.CenteredTransformInitializerFilter.MOMENTS)
-    return _register(fixed, moving, init, fixed_mask, (8.0, 4.0, 2.0), 150, 60000, seed)
+    return _register(fixed, moving, init, fixed_mask, (8.0, 4.0, 2.0), 100, 20000, seed)
 
 
 def to_atlas(atlas: sitk.Image, brain: sitk.Image, atlas_mask: sitk.Image | None = None,
@@ -212,7 +220,8 @@ def to_atlas(atlas: sitk.Image, brain: sitk.Image, atlas_mask: sitk.Image | None
     init = (affine_transform(transform_matrix(initial), _centre(atlas)) if initial is not None else
             sitk.CenteredTransformInitializer(atlas, brain, sitk.AffineTransform(3),
                                               sitk.CenteredTransformInitializerFilter.MOMENTS))
-    return _register(atlas, brain, init, atlas_mask, (8.0, 4.0, 2.0), 200, 60000, seed)
+    levels = (8.0, 4.0, 2.0) if initial is None else (4.0, 2.0)
+    return _register(atlas, brain, init, atlas_mask, levels, 150, 30000, seed)
 
 
 def resample(img: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None = None,
@@ -264,7 +273,7 @@ def brain_mask(t1ce: sitk.Image, t2: sitk.Image | None = None, head: sitk.Image 
     drops bone and air. On a copy averaged to about `work_mm`: eroding that
     tissue by 5 mm cuts the bridges through the skull's foramina and the spinal
     canal; the component that holds the most of the head's deep interior (the
-    head eroded by 20 mm) is the brain; it grows back by 6 mm within the tissue,
+    head eroded by 20 mm) is the brain; it grows back by 8 mm within the tissue,
     and is closed (4 mm). With `atlas_prior` (the atlas brain mask mapped onto
     this grid) the tissue more than 8 mm outside it (eyes, spinal cord, neck) is
     dropped first. Back on the full grid, the surface is decided voxel by voxel
@@ -291,7 +300,7 @@ def brain_mask(t1ce: sitk.Image, t2: sitk.Image | None = None, head: sitk.Image 
         raise MedsegError("brain extraction found no tissue inside the head: the T1ce series is empty "
                           "or not a head scan")
     best = max(labels, key=lambda l: stats.GetSum(l))
-    brain = _dilate(cc == best, 6.0) * tissue
+    brain = _dilate(cc == best, 8.0) * tissue
     brain = _erode(_dilate(brain, 4.0), 4.0)
     # Full resolution: inside the coarse surface by > 2 mm: brain; within ±2 mm: tissue decides.
     d = resample(_distance(brain), t1ce, None, linear=True, default=1e3)

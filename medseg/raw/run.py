@@ -169,7 +169,7 @@ def write_qc_pictures(cases: Sequence[InputCase], out_dir: str | Path,
         if case.space is None or not mask.exists():
             continue
         prepared, role = case.space.prepared, case.space.role
-        img = nib.load(str(prepared.folder / "native" / f"{role}.nii.gz"))
+        img = nib.load(str(prepared.folder / "native" / f"series_{role}_grid.nii.gz"))
         conv = json.loads((out_dir / "predictions.json").read_text())["run"]["label_convention"]
         qc_picture(prepared, mask, (np.asarray(img.dataobj, np.float32), img.affine), conv,
                    out_dir / "qc" / f"{case.case_id}.png")
@@ -209,7 +209,7 @@ def prepare_studies(studies: Sequence[RawStudy], out_dir: str | Path, *, referen
                          f"{prepared.qc['brain_ml']:.0f} mL, extractor {extractor})")
             else:
                 print_fn(f"{study.case_id}: atlas space {prepared.folder} (prepared by an earlier run)")
-            native_ref = prepared.folder / "native" / f"{reference}.nii.gz"
+            native_ref = prepared.folder / "native" / f"series_{reference}_grid.nii.gz"
             if not native_ref.exists():     # the reference series as NIfTI: the mask's grid, for viewers
                 write_nifti(series[reference][0], series[reference][1], native_ref)
             reasons = prepared.review_reasons
