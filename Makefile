@@ -1,6 +1,7 @@
 # medseg: the two commands of the README, each doing its own idempotent set-up.
 #   make demo   synthetic BraTS-like data → check → 5-fold split → 5-fold cross-validation (cpu preset, about 20 min on 2 cores)
 #   make test   the default test suite (slow tests: make test-slow)
+#   make demo-raw   after make demo: raw scanner studies generated, identified, registered, predicted on their native series (about 10 min)
 #   make demo-missing   after make demo: the missing-modality model (fine-tuned with modality dropout) and its 15-subset table (about 40 min)
 # torch is installed first (TORCH_SPEC), so a CPU machine never pulls CUDA wheels.
 
@@ -11,7 +12,7 @@ DEMO_DIR ?= demo_data/brats2023
 PY := $(VENV)/bin/python
 MEDSEG := $(VENV)/bin/medseg
 
-.PHONY: setup demo demo-missing test test-slow clean
+.PHONY: setup demo demo-missing demo-raw test test-slow clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +33,12 @@ demo-missing: setup
 	    --set train.lr=0.001 --set train.warmup_epochs=0 --out runs/demo_missing
 	$(PY) benchmarks/missing_modality.py --run runs/demo_missing --baseline runs/demo_cpu \
 	    --datalist data_lists/demo_brats2023.json --data-root $(DEMO_DIR) --out runs/missing_modality.json
+
+demo-raw: setup
+	@test -d runs/demo_cpu || { echo "make demo-raw uses the demo model: run make demo first"; exit 2; }
+	$(PY) benchmarks/raw_study.py --studies 3 --model runs/demo_cpu --out runs/demo_raw
+	$(MEDSEG) study runs/demo_raw/data/studies/RAW-00000
+	$(MEDSEG) predict --raw --input runs/demo_raw/data/studies --model runs/demo_cpu --out runs/demo_raw/masks
 
 test: setup
 	$(PY) -m pytest -q

@@ -137,6 +137,7 @@ def main() -> int:
             msg += (" | Dice native " + "/".join(f"{row['native_dice'][r]:.3f}" for r in REGIONS)
                     + " atlas " + "/".join(f"{row['atlas_dice'][r]:.3f}" for r in REGIONS))
         print(msg, flush=True)
+        (out.parent / f"{out.name}.partial.json").write_text(json.dumps({"studies": rows}, indent=2, default=float))
 
     ok = [r for r in rows if "seconds" in r]
     allerr = np.concatenate([np.concatenate(v) for v in errors.values() if v]) if ok else np.zeros(1)
@@ -159,7 +160,8 @@ def main() -> int:
         summary["atlas_dice"] = {k: float(np.mean([r["atlas_dice"][k] for r in ok])) for k in REGIONS}
         summary["model"] = [str(m) for m in a.model]
     print(json.dumps(summary, indent=2))
-    (out.parent / f"{out.name}.json").write_text(json.dumps({"summary": summary, "studies": rows}, indent=2))
+    (out.parent / f"{out.name}.json").write_text(json.dumps({"summary": summary, "studies": rows}, indent=2,
+                                                            default=float))
     return 0
 
 

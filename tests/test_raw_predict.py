@@ -226,3 +226,25 @@ def test_unknown_atlas_and_sri24_say_how(tmp_path):
         atlas_files("sri24")
     with pytest.raises(MedsegError, match="expected one of mni152"):
         atlas_files(str(tmp_path / "nope.txt"))
+
+
+def test_both_engines_map_the_same_mask_onto_the_native_grid(prepared, model, tmp_path):
+    """The ONNX engine takes the raw path's native-space hook like the torch engine:
+    the same prepared study gives the same mask on the native T1ce grid."""
+    from medseg.export import export_onnx
+    from medseg.predict import open_engine
+    from medseg.raw.run import _space
+    truth, p = prepared
+    ck = sorted((model / "checkpoints").glob("*.pt"))[-1]
+    export_onnx([ck], tmp_path / "m.onnx", print_fn=lambda s: None)
+    channels = [c for c in ("t1", "t1ce", "t2", "flair") if c in p.images]
+    masks = {}
+    for name, src in (("torch", [ck]), ("onnx", [tmp_path / "m.onnx"])):
+        engine = open_engine(src, name)
+        masks[name], _ = engine.predict_case(p.channel_files(), tmp_path / f"{name}.nii.gz", channels=channels,
+                                             space=_space(p, "t1ce"))
+        img = nib.load(str(tmp_path / f"{name}.nii.gz"))
+        assert img.shape == tuple(truth["roles"]["t1ce"]["shape"])
+        assert np.allclose(img.affine, truth["roles"]["t1ce"]["affine"], atol=1e-3)
+    agree = (masks["torch"] == masks["onnx"]).mean()
+    assert agree > 0.9999, agree
