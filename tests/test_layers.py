@@ -17,6 +17,9 @@ LAYERS = {
     "volumetry": 1.5, "viewer": 1.5,
     # The preprocessed dataset and its patch loader run the MONAI transforms of transforms.py.
     "data.preprocessed": 1.5, "data.patches": 1.5,
+    # Raw scanner studies (torch-free): identification and registration over data/,
+    # the QC picture, and the driver that hands atlas-space cases to predict.
+    "raw": 1.2, "raw.qc": 1.5, "raw.run": 2.5,
     "engine": 1.8,                  # the predictor interface both engines implement (torch-free)
     "infer": 2,
     "train": 3, "evaluate": 3, "predict": 3, "export": 3, "edge": 2,
