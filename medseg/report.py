@@ -9,13 +9,21 @@ every case with its volumes (mL) per label and per region, lesion counts and the
 largest lesion's size (`medseg.volumetry`, measured from the mask), the
 uncertainty score and review flag that `medseg predict` recorded in
 ``predictions.json`` ("–" when absent; flagged rows stand out) and, with
-references, Dice and HD95. Needs matplotlib (the ``viz`` extra).
+references, Dice and HD95. A raw scanner study (`medseg predict --raw`, its
+``raw`` record in ``predictions.json``) also gets a column with its QC picture
+(``<pred>/qc/<case>.png``, copied to ``<out>/qc/`` so the report folder stands
+alone and linked from its row), its review state with the reasons, and the brain
+extractor and atlas that ran; its mask lies on a native series' grid, so its
+picture shows that series (``atlas_space/<case>/native/``) when the ``--images``
+(the atlas-space cases) are on the atlas grid. Needs matplotlib (the ``viz`` extra).
 """
 
 from __future__ import annotations
 
 import html
+import shutil
 from pathlib import Path
+from urllib.parse import quote
 
 import nibabel as nib
 import numpy as np
@@ -132,6 +140,8 @@ def make_report(pred: str | Path, images: str | Path, out: str | Path,
         labels = load_array(mask_path, mimg)
         volumes = case_volumetry(labels, mimg.affine, conv, str(mask_path))
         regions = labels_to_regions(labels, conv)
+        record = records.get(case.case_id) or {}
+        raw = record.get("raw") if isinstance(record, dict) and isinstance(record.get("raw"), dict) else None
         shown = {}
         # FLAIR and T1ce, or the modalities the case has when one of them is missing.
         present = [c for c in chans if c not in case.missing]
@@ -142,8 +152,14 @@ def make_report(pred: str | Path, images: str | Path, out: str | Path,
                 path = case.images[present.index(name)]
                 arr = load_array(path)
             if arr.shape != regions.shape[1:]:
-                raise MedsegError(f"{mask_path}: grid {regions.shape[1:]} does not match the image "
-                                  f"{path} {arr.shape}")
+                # A raw study's mask lies on its reference series' native grid, not
+                # on the atlas grid of its atlas-space case: show that series.
+                native = _native_reference(raw, pred, case.case_id, regions.shape[1:]) if raw else None
+                if native is None:
+                    raise MedsegError(f"{mask_path}: grid {regions.shape[1:]} does not match the image "
+                                      f"{path} {arr.shape}")
+                shown = {native[0]: _canonical(native[1], mimg.affine)}
+                break
             shown[name.upper()] = _canonical(arr, mimg.affine)
         rows = [("prediction", np.stack([_canonical(r, mimg.affine) for r in regions]))]
         metrics = None
@@ -153,11 +169,73 @@ def make_report(pred: str | Path, images: str | Path, out: str | Path,
             metrics = evaluate_case(mask_path, refs[case.case_id], conv, rules)
         png = out / f"{case.case_id}.png"
         _case_png(shown, rows, png, case.case_id)
-        record = records.get(case.case_id) or {}
         table.append({"id": case.case_id, "volumes": volumes, "metrics": metrics, "png": png.name,
                       "missing": missing.get(case.case_id, []),
-                      "uncertainty": record.get("uncertainty") if isinstance(record, dict) else None})
+                      "uncertainty": record.get("uncertainty") if isinstance(record, dict) else None,
+                      "raw": _raw_entry(raw, pred, out, case.case_id) if raw else None})
     return _write_html(table, out, conv, bool(refs), rules)
+
+
+def _native_reference(raw: dict, pred: Path, case_id: str,
+                      shape: tuple[int, ...]) -> tuple[str, np.ndarray] | None:
+    """A raw study's reference series on its native grid (the mask's grid), written by
+    `medseg predict --raw` beside its atlas-space case → (its name, its voxels); None
+    when it is not there or not on a grid of `shape`."""
+    role = raw.get("reference") if isinstance(raw.get("reference"), str) else "t1ce"
+    folders = [Path(raw["atlas_case"])] if isinstance(raw.get("atlas_case"), str) else []
+    folders.append(pred / "atlas_space" / case_id)
+    for folder in folders:
+        path = folder / "native" / f"series_{role}_grid.nii.gz"
+        if path.is_file():
+            arr = load_array(path)
+            if arr.shape == tuple(shape):
+                return f"{role.upper()} (native series)", arr
+    return None
+
+
+def _raw_entry(raw: dict, pred: Path, out: Path, case_id: str) -> dict:
+    """What the report shows of a raw study: its QC picture (copied from
+    ``<pred>/qc/<case>.png`` into ``<out>/qc/``; None when there is none), review
+    state and reasons, brain extractor and atlas."""
+    qc = raw.get("qc") if isinstance(raw.get("qc"), dict) else {}
+    reasons = raw.get("review_reasons")
+    if not isinstance(reasons, list):
+        reasons = qc.get("review_reasons") if isinstance(qc.get("review_reasons"), list) else []
+    review = raw.get("review")
+    src, picture = pred / "qc" / f"{case_id}.png", None
+    if src.is_file():
+        dst = out / "qc" / src.name
+        if not (dst.exists() and dst.resolve() == src.resolve()):
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
+        picture = f"qc/{src.name}"
+    return {"picture": picture, "review": review if isinstance(review, bool) else bool(reasons),
+            "reasons": [str(r) for r in reasons], "extractor": raw.get("brain_extractor"),
+            "atlas": raw.get("atlas")}
+
+
+def _qc_link(e: dict) -> str:
+    """Below a raw study's picture: the link to its QC picture ("" for other cases)."""
+    r = e.get("raw")
+    if not (r and r["picture"]):
+        return ""
+    return f"<p><a class='qc' href='{html.escape(quote(r['picture']))}'>raw study QC picture</a></p>"
+
+
+def _raw_cell(r: dict | None) -> str:
+    """The raw-study cell: QC picture link, review state (reasons), extractor and atlas."""
+    if r is None:
+        return "<td>–</td>"
+    link = (f"<a class='qc' href='{html.escape(quote(r['picture']))}'>QC picture</a>" if r["picture"]
+            else "no QC picture")
+    if r["review"]:
+        state = ("<span class='flag' title='accepted with --accept-review'>REVIEW</span>"
+                 + "".join(f"<div class='reason'>{html.escape(x)}</div>" for x in r["reasons"]))
+    else:
+        state = "<span class='ok'>QC passed</span>"
+    info = " · ".join(f"{k} {html.escape(str(r[key]))}" for k, key in
+                      (("brain extractor", "extractor"), ("atlas", "atlas")) if r.get(key))
+    return f"<td class='raw'>{link} {state}<div class='sub'>{info}</div></td>"
 
 
 _CSS = ("body{font-family:system-ui,sans-serif;margin:20px;color:#222}"
@@ -172,7 +250,8 @@ _CSS = ("body{font-family:system-ui,sans-serif;margin:20px;color:#222}"
         "vertical-align:-1px}"
         ".sub{font-size:11px;color:#666;white-space:nowrap}"
         "ul.legend{list-style:none;padding:0;margin:6px 0}ul.legend li{display:inline-block;margin-right:20px}"
-        "img{max-width:100%}")
+        "img{max-width:100%}"
+        "td.raw{text-align:left}.reason{font-size:11px;color:#8e0000;white-space:normal;max-width:28em}")
 
 
 def _swatch(cls: str) -> str:
@@ -217,7 +296,13 @@ def _uncertainty_cells(u) -> tuple[str, bool]:
     return cell + "<td title='no review threshold'>–</td>", False
 
 
-def _row(e: dict, names: list[str], with_ref: bool) -> str:
+def _review(e: dict) -> bool:
+    """Whether a case stands out for review: flagged by its uncertainty, or a raw
+    study that failed QC (predicted with --accept-review)."""
+    return _uncertainty_cells(e["uncertainty"])[1] or bool((e.get("raw") or {}).get("review"))
+
+
+def _row(e: dict, names: list[str], with_ref: bool, with_raw: bool = False) -> str:
     vol, m = e["volumes"], e["metrics"]
     big = vol["largest"]["WT"]
     cells = "".join(f"<td>{vol['labels'][n]:.2f}</td>" for n in names)
@@ -225,27 +310,32 @@ def _row(e: dict, names: list[str], with_ref: bool) -> str:
     cells += "".join(f"<td>{vol['lesions'][r]}</td>" for r in REGIONS)
     cells += ("<td>–</td>" if big is None else
               "<td>" + " × ".join(f"{v:.0f}" for v in big["extent_mm"]) + "</td>")
-    unc, flagged = _uncertainty_cells(e["uncertainty"])
+    unc, _ = _uncertainty_cells(e["uncertainty"])
     cells += unc
     if with_ref:
         cells += "".join(f"<td>{m[r]['dice']:.3f}</td>" if m else "<td>–</td>" for r in REGIONS)
         cells += "".join(f"<td>{m[r]['hd95']:.1f}</td>" if m else "<td>–</td>" for r in REGIONS)
     cells += f"<td>{html.escape(', '.join(e['missing'])) or '–'}</td>"
+    if with_raw:
+        cells += _raw_cell(e.get("raw"))
     cid = html.escape(e["id"])
-    return f"<tr{' class=flagged' if flagged else ''}><td><a href='#{cid}'>{cid}</a></td>{cells}</tr>"
+    return f"<tr{' class=flagged' if _review(e) else ''}><td><a href='#{cid}'>{cid}</a></td>{cells}</tr>"
 
 
 def _write_html(table: list[dict], out: Path, conv: str, with_ref: bool, rules: str = DEFAULT_RULES) -> Path:
     c = get_convention(conv)
     names = [c.names[v] for v in c.classes()]
+    raws = [e["raw"] for e in table if e.get("raw")]
     groups = [("volume per label, mL", len(names)), ("volume per region, mL", 3),
               ("lesions (26-connected)", 3), ("largest WT lesion, mm", 1), ("uncertainty", 1),
-              ("review", 1)] + ([("Dice", 3), ("HD95, mm", 3)] if with_ref else []) + [("predicted without", 1)]
+              ("review", 1)] + ([("Dice", 3), ("HD95, mm", 3)] if with_ref else []) + [("predicted without", 1)] \
+        + ([("raw study", 1)] if raws else [])
     top = "<th rowspan=2>case</th>" + "".join(f"<th colspan={n}>{g}</th>" for g, n in groups)
     sub = "".join(f"<th>{_swatch(cls)}{html.escape(c.names[v])}</th>" for v, cls in c.classes().items())
     sub += "".join(f"<th>{r}</th>" for r in REGIONS) * 2
     sub += "<th>RL × AP × SI</th><th>case score</th><th>flag</th>"
     sub += "".join(f"<th>{r}</th>" for r in REGIONS) * (2 if with_ref else 0) + "<th>modalities</th>"
+    sub += "<th>QC, review, brain extractor, atlas</th>" if raws else ""
     flagged = sum(_uncertainty_cells(e["uncertainty"])[1] for e in table)
     scored = sum(isinstance(e["uncertainty"], dict) for e in table)
     thresholds = sorted({f"{t:.3f}" for e in table if isinstance(e["uncertainty"], dict)
@@ -254,9 +344,15 @@ def _write_html(table: list[dict], out: Path, conv: str, with_ref: bool, rules: 
               f"the threshold chosen on cross-validation: {', '.join(thresholds)})." if thresholds else
               f"{scored} case(s) scored for uncertainty, without a review threshold: none flagged." if scored
               else "No uncertainty in predictions.json: uncertainty and review show –.")
+    if raws:
+        review += (f" {len(raws)} raw scanner stud{'y' if len(raws) == 1 else 'ies'} (medseg predict --raw): "
+                   "the raw study column links each one's QC picture (registration edges, brain outline, "
+                   f"mask on the native series); <b>{sum(r['review'] for r in raws)}</b> failed QC "
+                   "(predicted with --accept-review: REVIEW, with the reasons).")
+    rows = "".join(_row(e, names, with_ref, bool(raws)) for e in table)
     figs = "".join(f"<h3 id='{html.escape(e['id'])}'>{html.escape(e['id'])}"
-                   f"{' <span class=flag>REVIEW</span>' if _uncertainty_cells(e['uncertainty'])[1] else ''}"
-                   f"</h3><img src='{html.escape(e['png'])}'>" for e in table)
+                   f"{' <span class=flag>REVIEW</span>' if _review(e) else ''}"
+                   f"</h3><img src='{html.escape(e['png'])}'>{_qc_link(e)}" for e in table)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>medseg report</title>"
             f"<style>{_CSS}</style></head><body>"
             f"<h1>medseg report</h1><p>{len(table)} cases; labels {html.escape(conv)}. {review} "
@@ -266,7 +362,7 @@ def _write_html(table: list[dict], out: Path, conv: str, with_ref: bool, rules: 
             "modalities say which. Scoring rules "
             f"<b>{html.escape(rules)}</b>: {html.escape(get_rules(rules).description)}.</p>"
             f"{_legend_html(conv)}"
-            f"<table><tr>{top}</tr><tr class=cols>{sub}</tr>{''.join(_row(e, names, with_ref) for e in table)}"
+            f"<table><tr>{top}</tr><tr class=cols>{sub}</tr>{rows}"
             f"</table>{figs}</body></html>")
     target = out / "index.html"
     with atomic_path(target) as tmp:

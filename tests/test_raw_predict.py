@@ -128,7 +128,7 @@ def test_predict_raw_writes_masks_on_the_native_grid(studies, model, tmp_path):
     from medseg.cli import main
     out = tmp_path / "out"
     args = ["predict", "--raw", "--input", str(studies / "studies"), "--model", str(model), "--out", str(out),
-            "--atlas-spacing", "2"]
+            "--atlas-spacing", "2", "--probabilities"]
     assert main(args) == 0
     man = json.loads((out / "predictions.json").read_text())
     for sid in sorted(p.name for p in (studies / "studies").iterdir()):
@@ -136,6 +136,8 @@ def test_predict_raw_writes_masks_on_the_native_grid(studies, model, tmp_path):
         img = nib.load(str(out / f"{sid}.nii.gz"))
         assert img.shape == tuple(truth["roles"]["t1ce"]["shape"])
         assert np.allclose(img.affine, truth["roles"]["t1ce"]["affine"], atol=1e-3)
+        probs = nib.load(str(out / "probabilities" / f"{sid}.nii.gz"))
+        assert probs.shape == (*img.shape, 3) and np.allclose(probs.affine, img.affine)
         rec = man["cases"][sid]["raw"]
         assert rec["identification"]["roles"]["t1ce"]["series_uid"] == truth["roles"]["t1ce"]["series_uid"]
         assert rec["review"] is False and "t1ce_to_atlas" in rec["qc"]["registration"]
@@ -248,3 +250,19 @@ def test_both_engines_map_the_same_mask_onto_the_native_grid(prepared, model, tm
         assert np.allclose(img.affine, truth["roles"]["t1ce"]["affine"], atol=1e-3)
     agree = (masks["torch"] == masks["onnx"]).mean()
     assert agree > 0.9999, agree
+
+
+def test_a_reformat_standing_in_for_a_missing_original_is_flagged(studies, tmp_path):
+    """The post-contrast original removed, its MPR reformat is the best T1ce left: it is
+    chosen only with a warning that says so (never silently)."""
+    root = tmp_path / "in"
+    sid = sorted(p.name for p in (studies / "studies").iterdir())[0]
+    shutil.copytree(studies / "studies" / sid, root / sid)
+    truth = load_truth(studies, sid)
+    mpr = [d for d in truth["distractors"] if d["kind"] == "mpr"]
+    assert mpr, "the generator's study 0 of this seed is expected to hold an MPR reformat of the T1ce"
+    for f in truth["roles"]["t1ce"]["files"]:
+        (root / sid / f).unlink()
+    ident = identify(scan_study(root / sid))
+    assert ident.choices["t1ce"].series.series_uid == mpr[0]["series_uid"]
+    assert any("reformat or derived" in w for w in ident.warnings)

@@ -42,8 +42,8 @@ __all__ = ["BRAIN_EXTRACTORS", "BRAIN_ML", "MAX_SHIFT_MM", "MAX_ROTATION_DEG", "
 #: (their command on PATH, run on the N4-corrected T1ce).
 BRAIN_EXTRACTORS = {
     "builtin": "medseg's skull-enclosure extractor (no download, no GPU)",
-    "hd-bet": "HD-BET (command `hd-bet`, pip install hd-bet; its weights are its own business)",
-    "synthstrip": "SynthStrip (command `mri_synthstrip`, FreeSurfer or the synthstrip container)",
+    "hd-bet": "HD-BET 2.x (command `hd-bet`, pip install hd-bet; its weights are its own business)",
+    "synthstrip": "SynthStrip (command `mri_synthstrip`, FreeSurfer ≥ 7.3 or the synthstrip container)",
 }
 
 #: Plausible adult brain volume (mL) after extraction: outside → review.
@@ -126,24 +126,38 @@ class PreparedCase:
 
 
 def _external_brain(tool: str, t1ce: sitk.Image, work: Path) -> sitk.Image:
-    """Run HD-BET or SynthStrip on the bias-corrected T1ce → its mask on the T1ce grid."""
+    """Run HD-BET or SynthStrip on the bias-corrected T1ce → its mask on the T1ce grid.
+
+    HD-BET 2.x: ``hd-bet -i IN -o OUT.nii.gz -device cpu --disable_tta --save_bet_mask
+    --no_bet_image`` writes the mask to ``OUT_bet.nii.gz`` (without ``--save_bet_mask``
+    it deletes the mask when done; ``--disable_tta`` is its advice for the CPU).
+    SynthStrip: ``mri_synthstrip -i IN -o OUT -m MASK`` writes the mask to MASK.
+    """
     exe = {"hd-bet": "hd-bet", "synthstrip": "mri_synthstrip"}[tool]
     path = shutil.which(exe)
     if path is None:
         raise MedsegError(f"--brain-extractor {tool}: the command {exe!r} is not on PATH; install "
                           f"{BRAIN_EXTRACTORS[tool]} or use --brain-extractor builtin")
-    src, out, mask = work / "t1ce.nii.gz", work / "brain.nii.gz", work / "brain_mask.nii.gz"
+    src, out = work / "t1ce.nii.gz", work / "brain.nii.gz"
     sitk.WriteImage(t1ce, str(src))
-    cmd = ([path, "-i", str(src), "-o", str(out), "-device", "cpu"] if tool == "hd-bet"
-           else [path, "-i", str(src), "-o", str(out), "-m", str(mask)])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if tool == "hd-bet":
+        mask = work / "brain_bet.nii.gz"
+        cmd = [path, "-i", str(src), "-o", str(out), "-device", "cpu", "--disable_tta",
+               "--save_bet_mask", "--no_bet_image"]
+    else:
+        mask = work / "brain_mask.nii.gz"
+        cmd = [path, "-i", str(src), "-o", str(out), "-m", str(mask)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", cwd=work)
+    except OSError as exc:
+        raise MedsegError(f"--brain-extractor {tool}: could not run {path} ({exc}); fix its "
+                          "installation or use --brain-extractor builtin") from None
     if proc.returncode != 0:
-        raise MedsegError(f"--brain-extractor {tool} failed (exit {proc.returncode}): "
-                          f"{(proc.stderr or proc.stdout).strip()[-500:]}")
-    if tool == "hd-bet" and not mask.exists():
-        mask = work / "brain_bet.nii.gz" if (work / "brain_bet.nii.gz").exists() else out
+        raise MedsegError(f"--brain-extractor {tool} failed (exit {proc.returncode}; {' '.join(cmd)}): "
+                          f"{(proc.stderr.strip() or proc.stdout.strip())[-500:]}")
     if not mask.exists():
-        raise MedsegError(f"--brain-extractor {tool} wrote no mask ({mask})")
+        raise MedsegError(f"--brain-extractor {tool}: {exe} exited without error but wrote no mask "
+                          f"({mask.name}); expected {BRAIN_EXTRACTORS[tool]}")
     m = sitk.ReadImage(str(mask))
     return sitk.Cast(rg.resample(m, t1ce, None, linear=False) > 0.5, sitk.sitkUInt8)
 

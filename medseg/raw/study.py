@@ -1163,6 +1163,12 @@ def identify(study: Study, overrides: Mapping[str, str] | None = None,
             and not choices["t1ce"].overridden:
         warnings.append(f"t1ce {choices['t1ce'].series.label} was chosen by acquisition order only (no series "
                         "shows contrast): check it")
+    for role, c in choices.items():
+        kinds = {"DERIVED", "SECONDARY", "MPR", "REFORMATTED", "PROJECTION"} & set(c.series.image_type)
+        if kinds and not c.overridden:
+            warnings.append(f"{role} {c.series.label} is a {'/'.join(sorted(kinds))} image (a reformat or "
+                            "derived series), chosen because no original acquisition scored higher: check "
+                            f"that the original is not missing from the export, or name it with --series {role}=…")
     return Identification(study.case_id, study.folder, choices, missing, warnings, list(study.warnings))
 
 
