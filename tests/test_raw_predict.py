@@ -58,8 +58,10 @@ def test_identification_finds_the_true_series(studies):
 
 def test_coregistration_error_at_the_brain_surface(prepared):
     """Estimated T1ce → series transforms against the known poses, at the true brain
-    surface: within a voxel of these coarse grids (2.25–2.5 mm in-plane; slices up to
-    16 mm thick), and the atlas transform a plausible scaling."""
+    surface: median within 0.75 and maximum within 1.5 of each series' voxel size
+    (cube root of its volume: these coarse grids are 2.25–2.5 mm in-plane with slices
+    up to 16 mm thick; the uncorrected motion is 5–25 mm), and the atlas transform a
+    plausible scaling. The 1 mm figures are the benchmark's."""
     truth, p = prepared
     pts = canonical_points_on_brain_surface(Path(truth["truth_dir"]).parents[1], truth["study_id"])
     P = np.c_[pts, np.ones(len(pts))]
@@ -68,7 +70,8 @@ def test_coregistration_error_at_the_brain_surface(prepared):
         est = (m @ w_ce @ P.T).T[:, :3]
         true = (truth["roles"][role]["world_from_canonical"] @ P.T).T[:, :3]
         err = np.linalg.norm(est - true, axis=1)
-        assert np.median(err) < 2.0 and err.max() < 4.0, (role, np.median(err), err.max())
+        voxel = float(np.prod(truth["roles"][role]["spacing"])) ** (1 / 3)
+        assert np.median(err) < 0.75 * voxel and err.max() < 1.5 * voxel, (role, voxel, np.median(err), err.max())
     assert not p.review_reasons, p.review_reasons
     assert 0.75 < min(p.qc["atlas_scale"]) and max(p.qc["atlas_scale"]) < 1.35
 
