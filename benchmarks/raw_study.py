@@ -51,15 +51,10 @@ def _region_dice(pred: np.ndarray, ref: np.ndarray, conv: str = "brats2023") -> 
 def surface_error(truth: dict, prepared, points: np.ndarray) -> dict[str, np.ndarray]:
     """Per series: distances (mm) between estimated and true positions of `points`
     (canonical mm, on the brain surface)."""
-    pts = np.c_[points, np.ones(len(points))]
-    w_ce = np.asarray(truth["roles"]["t1ce"]["world_from_canonical"])
-    out = {}
-    for role, m in prepared.t1ce_to_role.items():
-        w_r = np.asarray(truth["roles"][role]["world_from_canonical"])
-        est = (m @ w_ce @ pts.T).T[:, :3]
-        true = (w_r @ pts.T).T[:, :3]
-        out[role] = np.linalg.norm(est - true, axis=1)
-    return out
+    from medseg.data.synth_raw import surface_error_mm
+    w_ce = truth["roles"]["t1ce"]["world_from_canonical"]
+    return {role: surface_error_mm(points, w_ce, truth["roles"][role]["world_from_canonical"], m)
+            for role, m in prepared.t1ce_to_role.items()}
 
 
 def main() -> int:
