@@ -250,6 +250,10 @@ def prepare(case_id: str, series: Mapping[str, tuple[np.ndarray, np.ndarray]], o
         # and the atlas registration refined on the better mask.
         prior = rg.resample(atlas_brain, fixed, t_atlas.GetInverse(), linear=False)
         brain = rg.brain_mask(fixed, t2_on_t1ce, heads["t1ce"], atlas_prior=prior)
+        # Then the outer CSF, meninges and any diploë that came through the skull go.
+        flair_on_t1ce = (rg.resample(imgs["flair"], fixed, affine_transform(t1ce_to["flair"]))
+                         if "flair" in imgs else None)
+        brain = rg.peel_brain(fixed, brain, flair_on_t1ce)
         t0 = tick("brain", t0)
         t_atlas, metric = rg.to_atlas(atlas_img, fixed * sitk.Cast(brain, sitk.sitkFloat32),
                                       sitk.BinaryDilate(atlas_brain, [4, 4, 4]), initial=t_atlas)
