@@ -222,7 +222,8 @@ def prepare(case_id: str, series: Mapping[str, tuple[np.ndarray, np.ndarray]], o
     t1ce_to: dict[str, np.ndarray] = {}
     mask = sitk.BinaryDilate(heads["t1ce"], [3, 3, 3])
     for role in (r for r in CHANNELS if r in imgs and r != "t1ce"):
-        t, metric = rg.rigid(fixed, imgs[role], mask, same_frame=same_frame)
+        t, metric = rg.rigid(fixed, imgs[role], mask, same_frame=same_frame,
+                             moving_mask=sitk.BinaryDilate(heads[role], [2, 2, 1]))
         t1ce_to[role] = rg.transform_matrix(t)
         qc["registration"][f"{role}_to_t1ce"] = {"mattes_mi": round(-metric, 4)}
         if -metric < MIN_MI:

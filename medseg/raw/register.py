@@ -10,7 +10,8 @@ registration method (no hand-written optimiser):
    mutual information, three resolutions (8, 4, 2 mm smoothing/shrinking… to the
    series' own voxels), regular-step gradient descent on an Euler transform
    started from the scanner's shared frame of reference (the series of one
-   study are already close: only patient motion separates them).
+   study are already close: only patient motion separates them); the metric samples
+   the series with the thicker slices and interpolates the other.
 3. **Brain extraction** (`brain_mask`, the built-in extractor, then `peel_brain`): see
    their docstrings.
 4. **Atlas registration** of the skull-stripped T1ce to the atlas's T1 brain
@@ -199,11 +200,23 @@ def _centre(img: sitk.Image) -> tuple[float, ...]:
 
 
 def rigid(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None,
-          same_frame: bool = True, seed: int = 1) -> tuple[sitk.Transform, float]:
+          same_frame: bool = True, seed: int = 1, moving_mask: sitk.Image | None = None
+          ) -> tuple[sitk.Transform, float]:
     """Rigid (Euler) registration of `moving` to `fixed` by Mattes mutual information
     → (transform fixed → moving points, final metric value: negative MI).
     `same_frame`: the series share the scanner's frame of reference, so the identity
-    is the start; otherwise the images' centres of mass are aligned first."""
+    is the start; otherwise the images' centres of mass are aligned first.
+
+    The metric samples the coarser image's grid and interpolates the finer one: a
+    thick-slice series interpolated between slices 4-6 mm apart gives mutual
+    information grid-aligned local optima (1-3 mm off on the generated studies,
+    against about 0.3 mm this way round). So when `moving` has the thicker slices
+    the roles swap (`moving_mask`, default its head mask, restricts the samples)
+    and the inverse comes back."""
+    if max(moving.GetSpacing()) > 1.5 * max(fixed.GetSpacing()):
+        mask = moving_mask if moving_mask is not None else sitk.BinaryDilate(head_mask(moving), [2, 2, 1])
+        t, metric = rigid(moving, fixed, mask, same_frame=same_frame, seed=seed)
+        return t.GetInverse(), metric
     if same_frame:
         init = sitk.Euler3DTransform()
         init.SetCenter(_centre(fixed))
