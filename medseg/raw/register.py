@@ -308,8 +308,12 @@ def brain_mask(t1ce: sitk.Image, t2: sitk.Image | None = None, head: sitk.Image 
     tissue = _tissue(small, sitk.BinShrink(t2, f) if t2 is not None else None, head_s)
     if atlas_prior is not None:
         tissue = tissue * _dilate(shrink_mask(atlas_prior), 8.0)
-    core = _erode(tissue, 5.0)
-    deep = _erode(head_s, 20.0)
+    # (The erosions here go one working voxel further than their figure: 5 mm + 1 voxel
+    # to cut the bridges; the closing leaves the surface a voxel inside, which the
+    # full-resolution step below then decides.)
+    vox = min(small.GetSpacing())
+    core = _erode(tissue, 5.0 + vox)
+    deep = _erode(head_s, 20.0 + vox)
     cc = sitk.ConnectedComponent(core)
     stats = sitk.LabelStatisticsImageFilter()
     stats.Execute(sitk.Cast(deep, sitk.sitkFloat32), cc)
@@ -319,7 +323,7 @@ def brain_mask(t1ce: sitk.Image, t2: sitk.Image | None = None, head: sitk.Image 
                           "or not a head scan")
     best = max(labels, key=lambda l: stats.GetSum(l))
     brain = _dilate(cc == best, 8.0) * tissue
-    brain = _erode(_dilate(brain, 4.0), 4.0)
+    brain = _erode(_dilate(brain, 4.0), 4.0 + vox)
     # Full resolution: inside the coarse surface by > 2 mm: brain; within ±2 mm: tissue decides.
     d = resample(_distance(brain), t1ce, None, linear=True, default=1e3)
     fine = _tissue(t1ce, t2, head)
@@ -330,6 +334,11 @@ def brain_mask(t1ce: sitk.Image, t2: sitk.Image | None = None, head: sitk.Image 
 def _percentile(img: sitk.Image, mask: sitk.Image, q: float) -> float:
     a, m = sitk.GetArrayViewFromImage(img), sitk.GetArrayViewFromImage(mask) > 0
     return float(np.percentile(a[m], q)) if m.any() else 1.0
+
+
+#: peel_brain: the erosion that parts the brain from what touches it through the
+#: skull (mm), and the geodesic regrowth after it (voxels).
+_PEEL_CORE_MM, _PEEL_STEPS = 1.5, 3
 
 
 def peel_brain(t1ce: sitk.Image, brain: sitk.Image, flair: sitk.Image | None = None,
@@ -368,14 +377,14 @@ def peel_brain(t1ce: sitk.Image, brain: sitk.Image, flair: sitk.Image | None = N
         f = crop(sitk.Cast(flair, sitk.sitkFloat32))
         par = par | ((f / max(_percentile(f, deep, 50), 1e-6) > 1.4) & (t > 0.45))
     par = sitk.Cast(par * b, sitk.sitkUInt8)
-    cc = sitk.ConnectedComponent(_erode(par, 1.0))
+    cc = sitk.ConnectedComponent(_erode(par, _PEEL_CORE_MM))
     stats = sitk.LabelStatisticsImageFilter()
     stats.Execute(sitk.Cast(deep, sitk.sitkFloat32), cc)
     labels = [l for l in stats.GetLabels() if l != 0]
     if not labels:
         return brain
     grown = sitk.Cast(cc == max(labels, key=lambda l: stats.GetSum(l)), sitk.sitkUInt8)
-    for _ in range(2):
+    for _ in range(_PEEL_STEPS):
         grown = sitk.BinaryDilate(grown, [1, 1, 1]) * par
     grown = sitk.BinaryFillhole(_erode(_dilate(grown, close_mm), close_mm))
     out = sitk.Cast(_dilate(grown, rim_mm) * b, sitk.sitkUInt8)
