@@ -352,8 +352,8 @@ def peel_brain(t1ce: sitk.Image, brain: sitk.Image, flair: sitk.Image | None = N
     about as dark as grey matter on the T1ce, is bright on FLAIR (when given, on
     the T1ce's grid). The T1ce (3D, about 1 mm) draws the dark band of meninges and
     inner skull table between the brain and the skull's marrow sharply: eroded by
-    1 mm, the parenchyma's component holding the deep brain is the brain; it grows
-    back two voxels along the parenchyma only (geodesic, so it does not jump the
+    1.5 mm, the parenchyma's component holding the deep brain is the brain; it grows
+    back three voxels along the parenchyma only (geodesic, so it does not jump the
     band), is closed by `close_mm` (sulci) and hole-filled (ventricles, necrosis).
     Runs on the mask's bounding box."""
     box = sitk.LabelShapeStatisticsImageFilter()
