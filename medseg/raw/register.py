@@ -246,11 +246,26 @@ def resample(img: sitk.Image, reference: sitk.Image, transform: sitk.Transform |
                          default, sitk.sitkFloat32)
 
 
+def _percentile(img: sitk.Image, mask: sitk.Image, q: float) -> float:
+    """The `q`th percentile of `img` inside `mask` (1.0 for an empty mask)."""
+    a, m = sitk.GetArrayViewFromImage(img), sitk.GetArrayViewFromImage(mask) > 0
+    return float(np.percentile(a[m], q)) if m.any() else 1.0
+
+
 def _robust_scale(img: sitk.Image, mask: sitk.Image) -> sitk.Image:
     """Divide by the 95th percentile inside `mask` (for sequence-independent thresholds)."""
-    a, m = sitk.GetArrayViewFromImage(img), sitk.GetArrayViewFromImage(mask) > 0
-    p = float(np.percentile(a[m], 95)) if m.any() else 1.0
-    return img / max(p, 1e-6)
+    return img / max(_percentile(img, mask, 95), 1e-6)
+
+
+def _component_holding(mask: sitk.Image, deep: sitk.Image) -> sitk.Image | None:
+    """The connected component of `mask` that holds the most of `deep` (None if none)."""
+    cc = sitk.ConnectedComponent(mask)
+    stats = sitk.LabelStatisticsImageFilter()
+    stats.Execute(sitk.Cast(deep, sitk.sitkFloat32), cc)
+    labels = [l for l in stats.GetLabels() if l != 0]
+    if not labels:
+        return None
+    return sitk.Cast(cc == max(labels, key=lambda l: stats.GetSum(l)), sitk.sitkUInt8)
 
 
 def _distance(mask: sitk.Image) -> sitk.Image:
@@ -314,26 +329,17 @@ def brain_mask(t1ce: sitk.Image, t2: sitk.Image | None = None, head: sitk.Image 
     vox = min(small.GetSpacing())
     core = _erode(tissue, 5.0 + vox)
     deep = _erode(head_s, 20.0 + vox)
-    cc = sitk.ConnectedComponent(core)
-    stats = sitk.LabelStatisticsImageFilter()
-    stats.Execute(sitk.Cast(deep, sitk.sitkFloat32), cc)
-    labels = [l for l in stats.GetLabels() if l != 0]
-    if not labels:
+    best = _component_holding(core, deep)
+    if best is None:
         raise MedsegError("brain extraction found no tissue inside the head: the T1ce series is empty "
                           "or not a head scan")
-    best = max(labels, key=lambda l: stats.GetSum(l))
-    brain = _dilate(cc == best, 8.0) * tissue
+    brain = _dilate(best, 8.0) * tissue
     brain = _erode(_dilate(brain, 4.0), 4.0 + vox)
     # Full resolution: inside the coarse surface by > 2 mm: brain; within ±2 mm: tissue decides.
     d = resample(_distance(brain), t1ce, None, linear=True, default=1e3)
     fine = _tissue(t1ce, t2, head)
     full = (d < -2.0) | ((d < 2.0) * fine)
     return sitk.Cast(sitk.BinaryFillhole(sitk.Cast(full, sitk.sitkUInt8)), sitk.sitkUInt8)
-
-
-def _percentile(img: sitk.Image, mask: sitk.Image, q: float) -> float:
-    a, m = sitk.GetArrayViewFromImage(img), sitk.GetArrayViewFromImage(mask) > 0
-    return float(np.percentile(a[m], q)) if m.any() else 1.0
 
 
 #: peel_brain: the erosion that parts the brain from what touches it through the
@@ -377,13 +383,9 @@ def peel_brain(t1ce: sitk.Image, brain: sitk.Image, flair: sitk.Image | None = N
         f = crop(sitk.Cast(flair, sitk.sitkFloat32))
         par = par | ((f / max(_percentile(f, deep, 50), 1e-6) > 1.4) & (t > 0.45))
     par = sitk.Cast(par * b, sitk.sitkUInt8)
-    cc = sitk.ConnectedComponent(_erode(par, _PEEL_CORE_MM))
-    stats = sitk.LabelStatisticsImageFilter()
-    stats.Execute(sitk.Cast(deep, sitk.sitkFloat32), cc)
-    labels = [l for l in stats.GetLabels() if l != 0]
-    if not labels:
+    grown = _component_holding(_erode(par, _PEEL_CORE_MM), deep)
+    if grown is None:
         return brain
-    grown = sitk.Cast(cc == max(labels, key=lambda l: stats.GetSum(l)), sitk.sitkUInt8)
     for _ in range(_PEEL_STEPS):
         grown = sitk.BinaryDilate(grown, [1, 1, 1]) * par
     grown = sitk.BinaryFillhole(_erode(_dilate(grown, close_mm), close_mm))
