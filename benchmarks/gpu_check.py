@@ -10,7 +10,9 @@
    5 models (the trained weights five times: the cost of a 5-fold ensemble),
    without and with mirror TTA: seconds per case.
 4. The ONNX export of those weights run by onnxruntime with the CUDA provider
-   when onnxruntime-gpu is installed (else: which providers there are).
+   when onnxruntime-gpu is installed (else: which providers there are), then
+   with `--provider tensorrt` (fp16): the first run (engine build) and a second
+   run from the engine cache; where TensorRT is missing, the reason medseg gives.
 
 Prints one line per figure and writes them as JSON. Nothing is asserted.
 `--device cpu --shape 64 64 40 --iters 2 --model-preset cpu --ensemble 2` runs
@@ -137,6 +139,25 @@ def main() -> None:
     res["onnx_predict_s"] = time.perf_counter() - t0
     print(f"ONNX ({'CUDA' if 'CUDAExecutionProvider' in res['onnx_providers'] else 'CPU'} provider): "
           f"{res['onnx_predict_s']:.1f} s per case; providers {res['onnx_providers']}", flush=True)
+    save(res)
+
+    from medseg.edge import EdgePredictor
+    from medseg.errors import MedsegError
+    try:
+        EdgePredictor(onnx, provider="tensorrt", trt_cache=work / "trt_cache")
+    except MedsegError as exc:
+        res["tensorrt"] = f"unavailable: {exc}"
+        print(f"TensorRT {res['tensorrt']}", flush=True)
+        save(res)
+        return
+    trt = args[:-1] + ["--provider", "tensorrt", "--trt-cache", str(work / "trt_cache"), "--overwrite"]
+    trt[trt.index("--out") + 1] = str(work / "pred_trt")
+    for key in ("tensorrt_first_s", "tensorrt_cached_s"):       # engine build, then from the cache
+        t0 = time.perf_counter()
+        assert medseg(trt) == 0
+        res[key] = time.perf_counter() - t0
+    print(f"ONNX TensorRT fp16: first run (engine build) {res['tensorrt_first_s']:.1f} s, cached "
+          f"{res['tensorrt_cached_s']:.1f} s per case", flush=True)
     save(res)
 
 

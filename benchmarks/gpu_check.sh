@@ -3,7 +3,8 @@
 # About 5-7 minutes: synthetic BraTS-size cases → preprocessed dataset → augmentation
 # cost per 128³ sample (worker vs GPU) → a short
 # full-preset training (it/s, GPU memory, loader wait) → one case predicted with
-# 1 and 5 models, with and without TTA → ONNX with the CUDA provider.
+# 1 and 5 models, with and without TTA → ONNX with the CUDA and TensorRT providers →
+# gradient checkpointing of the full preset (memory, time).
 #
 #   bash benchmarks/gpu_check.sh              # figures printed; JSON in $OUT or the work folder
 #
@@ -22,4 +23,6 @@ fi
 "$PY" -c "import medseg" 2>/dev/null || "$PY" -m pip install -q --no-deps -e . || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -c "import torch, monai; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'monai', monai.__version__)"
-exec "$PY" benchmarks/gpu_check.py "$@"
+"$PY" benchmarks/gpu_check.py "$@"
+# gradient checkpointing of the full preset (128³, batch 2): GPU memory and time, with and without
+"$PY" benchmarks/grad_checkpoint.py --out "${OUT:-.}/grad_checkpoint.json"

@@ -211,7 +211,8 @@ def _cmd_predict_raw(a) -> int:
         raise MedsegError("nothing to predict: pass --raw --input DIR (one folder per study) or --raw --t1ce …")
     from medseg.predict import open_engine, predict_all, review_threshold
     engine = open_engine(a.model, a.engine, a.device, a.overlap, a.sw_batch_size, False if a.no_amp else None,
-                         a.tta or a.uncertainty, a.min_component_ml, a.et_min_ml)
+                         a.tta or a.uncertainty, a.min_component_ml, a.et_min_ml, provider=a.provider,
+                         trt_cache=a.trt_cache)
     review = review_threshold(engine, a.review_threshold, _say) if a.uncertainty else None
     missing_ok = ("t1", "t2", "flair") if accepts_missing(engine.meta) else ()
     cases, failed = prepare_studies(studies, a.out, reference=a.reference, overrides=parse_overrides(a.series),
@@ -258,7 +259,8 @@ def _cmd_predict(a) -> int:
         raise MedsegError("--review-threshold flags cases by their uncertainty score: add --uncertainty")
     from medseg.predict import open_engine, predict_all, review_threshold
     engine = open_engine(a.model, a.engine, a.device, a.overlap, a.sw_batch_size, False if a.no_amp else None,
-                         a.tta or a.uncertainty, a.min_component_ml, a.et_min_ml)
+                         a.tta or a.uncertainty, a.min_component_ml, a.et_min_ml, provider=a.provider,
+                         trt_cache=a.trt_cache)
     review = review_threshold(engine, a.review_threshold, _say) if a.uncertainty else None
     predict_all(engine, cases, a.out, root, a.convention, a.overwrite, a.probabilities, print_fn=_say,
                 viewer_files=a.viewer_files, uncertainty=a.uncertainty, review_threshold=review,
@@ -552,6 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "folder or the ONNX metadata; none: no flags)")
     pr.add_argument("--engine", choices=["torch", "onnx"], default="torch",
                     help="onnx: run an exported .onnx with onnxruntime only (no torch, no MONAI)")
+    pr.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
+                    help="with --engine onnx: the onnxruntime execution provider (auto: CUDA when "
+                    "onnxruntime-gpu and a GPU are present, else the CPU; tensorrt: fp16 TensorRT, the "
+                    "engine built on the first run and cached, see --trt-cache)")
+    pr.add_argument("--trt-cache", metavar="DIR",
+                    help="with --provider tensorrt: where built engines are kept (default "
+                    "$MEDSEG_TRT_CACHE or ~/.cache/medseg/tensorrt), one folder per model file")
     pr.add_argument("--overwrite", action="store_true", help="replace existing masks in --out")
     pr.add_argument("--shard", metavar="K/N",
                     help="predict only shard K of N of the batch (cases in id order, every N-th from "

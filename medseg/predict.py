@@ -59,10 +59,16 @@ def default_postprocessing(model: Sequence[str | Path]) -> dict:
 def open_engine(model: Sequence[str | Path], engine: str = "torch", device: str | None = None,
                 overlap: float | None = None, sw_batch_size: int | None = None, amp: bool | None = None,
                 mirror: bool = False, min_component_ml: float | None = None,
-                et_min_ml: float | None = None) -> "Engine":
+                et_min_ml: float | None = None, provider: str = "auto",
+                trt_cache: str | Path | None = None) -> "Engine":
     """The engine for `--model`: ``torch`` (checkpoints, a train run or a cv folder,
     whose ``postprocessing.json`` gives the default ``et_min_ml``) or ``onnx`` (one
-    exported file; torch is never imported). None values keep the model's spec."""
+    exported file; torch is never imported; `provider`: ``auto``, ``cpu``, ``cuda``
+    or ``tensorrt``, see `medseg.edge.session_providers`). None values keep the
+    model's spec."""
+    if engine != "onnx" and (provider != "auto" or trt_cache is not None):
+        raise MedsegError("--provider and --trt-cache choose the onnxruntime execution provider: they "
+                          "take --engine onnx (the torch engine uses --device)")
     if engine == "onnx":
         if len(model) != 1 or not str(model[0]).endswith(".onnx"):
             raise MedsegError("--engine onnx takes one .onnx file as --model (see `medseg export`)")
@@ -70,7 +76,8 @@ def open_engine(model: Sequence[str | Path], engine: str = "torch", device: str 
             raise MedsegError("--overlap, --sw-batch-size, --no-amp and --device are torch-engine options; "
                               "the ONNX engine runs the window settings recorded at export")
         from medseg.edge import EdgePredictor
-        return EdgePredictor(model[0], min_component_ml=min_component_ml, et_min_ml=et_min_ml, mirror=mirror)
+        return EdgePredictor(model[0], min_component_ml=min_component_ml, et_min_ml=et_min_ml, mirror=mirror,
+                             provider=provider, trt_cache=trt_cache)
     if engine != "torch":
         raise MedsegError(f"--engine {engine!r}; expected 'torch' or 'onnx'")
     from medseg.infer import Predictor

@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -46,17 +46,18 @@ from medseg.data.io import atomic_path, write_json
 from medseg.data.patches import Augmenter, EpochSampler, PatchDataset, VolumeDataset
 from medseg.data.preprocessed import Store, ensure_store
 from medseg.errors import MedsegError
+from medseg.grad_checkpoint import enable_grad_checkpoint
 from medseg.infer import autocast, cpu_bf16_native, predict_probs
 from medseg.pipeline import PipelineSpec
-from medseg.labels import CHANNELS, REGIONS
-from medseg.losses import build_loss
+from medseg.labels import CHANNELS, REGIONS, get_convention
+from medseg.losses import build_loss, check_loss, log_inverse_weights
 from medseg.metrics import score_case
 from medseg.models import missing_channels, network_from_spec, size_divisor, unet3d_outputs
 from medseg.scoring import DEFAULT_RULES, get_rules
 from medseg.transforms import IMAGE, LABEL, patch_augmentation, preprocessing
 
 __all__ = ["FoldData", "fold_data", "train_fold", "lr_factor", "CHECKPOINT_DIR", "build_network",
-           "build_criterion", "build_transforms", "build_optimizer", "deep_supervised", "DATA_CACHE",
+           "build_criterion", "class_weights", "build_transforms", "build_optimizer", "deep_supervised", "DATA_CACHE",
            "modality_dropout", "modality_dropout_weight", "scale_dropped_gradient", "input_subsets",
            "initial_weights", "augment_on_device", "loader_workers",
            "prepare_store", "store_root", "DEFAULT_STORE"]
@@ -128,11 +129,48 @@ def build_network(cfg: dict, training: bool = False) -> nn.Module:
     return network_from_spec(cfg["model"], deep_supervision=training and deep_supervised(cfg))
 
 
-def build_criterion(cfg: dict) -> nn.Module:
-    """Region Dice + binary cross-entropy, over the deep-supervision outputs when used."""
+def build_criterion(cfg: dict, code_weights: Sequence[float] | None = None) -> nn.Module:
+    """The loss of ``train.loss`` (default: region Dice + binary cross-entropy), over
+    the deep-supervision outputs when used; `code_weights` (`class_weights`) weigh
+    its cross-entropy term per class of voxel."""
+    spec = cfg["train"]["loss"]
     if not deep_supervised(cfg):
-        return build_loss(deep_supervision=False)
-    return build_loss(deep_supervision=True, levels=unet3d_outputs(**cfg["model"]["args"]))
+        return build_loss(spec, deep_supervision=False, code_weights=code_weights)
+    return build_loss(spec, deep_supervision=True, levels=unet3d_outputs(**cfg["model"]["args"]),
+                      code_weights=code_weights)
+
+
+def class_weights(cfg: dict, store: Store, case_ids: Sequence[str]) -> dict | None:
+    """``train.loss.class_weights=log_inverse``: the training cases' voxel counts per
+    class (a class is the set of regions a voxel is in: `region_codes`), counted on
+    the preprocessed label maps (model spacing, cropped to the head) →
+    {"codes": weight per code (length 2^regions, for the loss), "classes":
+    {name: {"regions", "voxels", "weight"}} (recorded in the checkpoint)};
+    None when the loss is unweighted."""
+    if cfg["train"]["loss"]["class_weights"] == "none":
+        return None
+    conv = get_convention(store.convention)
+    members = conv.region_labels()
+    counts = np.zeros(2 ** len(REGIONS), np.float64)
+    code_of = {}
+    for v in sorted(conv.allowed):
+        code_of[v] = sum(2 ** i for i, r in enumerate(REGIONS) if v in members[r])
+    for cid in case_ids:
+        lab = np.asarray(store.label(cid))
+        found = np.bincount(lab.ravel(), minlength=256)
+        stray = [int(v) for v in np.flatnonzero(found) if v not in code_of]
+        if stray:
+            raise MedsegError(f"case {cid}: label values {stray} are not in the {store.convention} "
+                              f"convention ({sorted(code_of)}); check the datalist's label_convention")
+        for v, code in code_of.items():
+            counts[code] += found[v]
+    weights = log_inverse_weights(counts)
+    classes = {}
+    for code in np.flatnonzero(counts):
+        regions = [r for i, r in enumerate(REGIONS) if code >> i & 1]
+        name = "+".join(regions) if regions else "background"
+        classes[name] = {"regions": regions, "voxels": int(counts[code]), "weight": float(weights[code])}
+    return {"rule": "1 / ln(1.02 + count / max count)", "codes": weights.tolist(), "classes": classes}
 
 
 def modality_dropout(cfg: dict) -> float:
@@ -612,6 +650,10 @@ def _start(cfg: dict, out_dir: Path, device: str | None, distributed: bool | Non
     check_data_cache(cfg)
     modality_dropout(cfg)
     modality_dropout_weight(cfg)
+    check_loss(cfg["train"]["loss"])
+    if cfg["train"]["grad_checkpoint"] and cfg["model"]["name"] != "unet3d":
+        raise MedsegError(f"train.grad_checkpoint=true: supported for unet3d, not {cfg['model']['name']}; "
+                          "set train.grad_checkpoint=false")
     last = out_dir / CHECKPOINT_DIR / "last.pt"
     if last.exists() and not resume:
         raise MedsegError(f"{out_dir} already holds a training run ({last}); pass --resume to "
@@ -645,6 +687,8 @@ def _model(run: _Run, resume: bool, fold: int | None):
     """(network on the device, its DDP wrapper or itself), from train.init_from when set."""
     _seed_all(run.seed)
     model = build_network(run.cfg, training=True).to(run.dev)
+    if run.cfg["train"]["grad_checkpoint"]:
+        enable_grad_checkpoint(model)
     if run.run_cfg["train"]["channels_last"]:
         model = model.to(memory_format=torch.channels_last_3d)
     init = initial_weights(run.cfg, fold, run.data.datalist) if not resume else None
@@ -663,8 +707,9 @@ def _model(run: _Run, resume: bool, fold: int | None):
     return model, model
 
 
-def _optimisation(run: _Run, model: nn.Module):
-    """(loss, optimiser, LR schedule, loss scaler) from the ``train`` values."""
+def _optimisation(run: _Run, model: nn.Module, weights: dict | None = None):
+    """(loss, optimiser, LR schedule, loss scaler) from the ``train`` values;
+    `weights`: the loss's class weights (`class_weights`)."""
     tcfg = run.run_cfg["train"]
     opt = build_optimizer(model.parameters(), run.cfg)
     total_steps = tcfg["epochs"] * tcfg["iters_per_epoch"]
@@ -673,7 +718,7 @@ def _optimisation(run: _Run, model: nn.Module):
         opt, lambda s: lr_factor(s, total_steps, warmup, tcfg["schedule"]))
     # Loss scaling only for fp16 (bf16 has fp32's exponent range and needs none).
     scaler = torch.amp.GradScaler(run.dev.type, enabled=tcfg["amp"] and tcfg["amp_dtype"] == "float16")
-    return build_criterion(run.cfg), opt, sched, scaler
+    return build_criterion(run.cfg, weights["codes"] if weights else None), opt, sched, scaler
 
 
 def _checkpoint_meta(run: _Run, fold: int | None) -> dict:
@@ -791,10 +836,15 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
     on_device = augment_on_device(cfg, run.dev)
     sampler, loader, val_ds, augmenter = _loader(run, cache_dir, on_device)
     model, train_model = _model(run, resume, fold)
-    loss_fn, opt, sched, scaler = _optimisation(run, model)
+    weights = class_weights(cfg, loader.dataset.store, loader.dataset.case_ids)
+    if weights:
+        run.log("class-weighted cross-entropy (" + weights["rule"] + "): " + ", ".join(
+            f"{k} {v['weight']:.2f}" for k, v in weights["classes"].items()))
+    loss_fn, opt, sched, scaler = _optimisation(run, model, weights)
     parts = {"model": model, "train_model": train_model, "loss": loss_fn, "opt": opt, "sched": sched,
              "scaler": scaler, "sampler": sampler, "loader": loader, "augmenter": augmenter}
     meta = _checkpoint_meta(run, fold)
+    meta["loss"] = dict(cfg["train"]["loss"], class_weights_applied=weights["classes"] if weights else None)
     start, history, best = _resume(run, model, opt, sched, scaler) if resume else (0, [], -1.0)
     if dd.main:
         write_json(cfg, run.out_dir / "config.json")

@@ -267,3 +267,37 @@ def test_edge_runtime_never_imports_torch_or_monai(exported, tmp_path):
         ref = nib.load(c.images[0])
         assert mask.shape == ref.shape
         np.testing.assert_array_equal(mask.affine, ref.affine)
+
+
+def test_execution_providers_and_tensorrt_options(exported, tmp_path):
+    import onnxruntime as ort
+
+    from medseg.edge import session_providers, trt_cache_dir
+    base, root = exported
+    onnx = base / "m.onnx"
+    cpu, cuda, trt = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+    assert session_providers("auto", [cpu]) == [cpu]
+    # auto never starts TensorRT (its first run builds an engine for minutes)
+    assert session_providers("auto", [trt, cuda, cpu]) == [cuda, cpu]
+    chain = session_providers("tensorrt", [trt, cuda, cpu], onnx, "x", (16, 16, 16), 2, tmp_path / "c")
+    name, opts = chain[0]
+    assert name == trt and chain[1:] == [cuda, cpu]
+    assert opts["trt_fp16_enable"] and opts["trt_engine_cache_enable"] and opts["trt_timing_cache_enable"]
+    folder = Path(opts["trt_engine_cache_path"])
+    assert folder == trt_cache_dir(onnx, tmp_path / "c") and folder.is_dir()
+    assert opts["trt_profile_min_shapes"] == "x:1x4x16x16x16"
+    assert opts["trt_profile_max_shapes"] == opts["trt_profile_opt_shapes"] == "x:2x4x16x16x16"
+    other = tmp_path / "other.onnx"
+    other.write_bytes(onnx.read_bytes() + b"\0")
+    assert trt_cache_dir(other, tmp_path / "c").name != folder.name      # one folder per model content
+    with pytest.raises(MedsegError, match="onnxruntime-gpu"):
+        session_providers("tensorrt", [cpu], onnx)
+    if trt not in ort.get_available_providers():
+        # this machine: a clear reason, not onnxruntime's silent fall-back to the CPU
+        with pytest.raises(MedsegError, match="TensorRT"):
+            EdgePredictor(onnx, provider="tensorrt")
+    assert EdgePredictor(onnx, provider="cpu").provider == cpu
+    case = next(p for p in sorted(root.rglob("*")) if p.is_dir() and list(p.glob("*.nii.gz")))
+    code = main(["predict", "--model", str(base / "run"), "--input", str(case.parent),
+                 "--out", str(tmp_path / "o"), "--provider", "tensorrt"])
+    assert code != 0 and not (tmp_path / "o").exists()
