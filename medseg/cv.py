@@ -4,7 +4,7 @@ input grids, evaluate, summarise.
     runs/<exp>/config.json                 resolved experiment config
     runs/<exp>/fold_<k>/...                `medseg train` outputs (checkpoints, logs)
     runs/<exp>/fold_<k>/predictions/<case>.nii.gz   out-of-fold masks
-    runs/<exp>/fold_<k>/metrics.csv        per case × region
+    runs/<exp>/fold_<k>/metrics.csv        per case × region (Dice, IoU, HD95, …, mean IoU)
     runs/<exp>/cv_metrics.csv              all folds
     runs/<exp>/cv_summary.json             mean ± std (median) per region, per fold and overall
 
@@ -34,7 +34,7 @@ from medseg.evaluate import (evaluate_case, format_table, metric_rows, read_rows
                              summarize, write_rows)
 from medseg.infer import Predictor
 from medseg.labels import REGIONS
-from medseg.scoring import DEFAULT_RULES, describe_rules, get_rules
+from medseg.scoring import CASE_METRICS, DEFAULT_RULES, describe_rules, get_rules, rule_metrics
 from medseg.train import CHECKPOINT_DIR, DEFAULT_STORE, fold_data, prepare_store, train_fold
 
 __all__ = ["run_cv", "evaluate_fold", "format_summary", "choose_et_threshold"]
@@ -131,9 +131,11 @@ def evaluate_fold(fold: int, datalist: str | Path, data_root: str | Path, fold_d
     ``checkpoints/final.pt``) onto their own grids and score them under the rule set
     `rules`: writes ``predictions/<case>.nii.gz``, ``metrics.csv`` and ``summary.json``
     in `fold_dir`; returns the metric rows. Results newer than the checkpoint are
-    reused (a resumed cross-validation) when they were scored under the same rules;
-    a newer checkpoint is evaluated afresh, other rules re-score the masks."""
-    get_rules(rules)
+    reused (a resumed cross-validation) when they were scored under the same rules
+    and have every column those rules write; a newer checkpoint is evaluated afresh,
+    other rules (or rows written before a column existed, e.g. ``iou``) re-score the
+    masks."""
+    columns = rule_metrics(get_rules(rules)) + CASE_METRICS
     fold_dir = Path(fold_dir)
     ckpt = Path(checkpoint) if checkpoint else fold_dir / CHECKPOINT_DIR / "final.pt"
     if not ckpt.is_file():
@@ -143,7 +145,7 @@ def evaluate_fold(fold: int, datalist: str | Path, data_root: str | Path, fold_d
     metrics_csv = fold_dir / "metrics.csv"
     if metrics_csv.exists() and metrics_csv.stat().st_mtime >= stamp:
         old = read_rows(metrics_csv)
-        if rules_of(old) == rules:
+        if rules_of(old) == rules and all(m in row for row in old for m in columns):
             return old
     data = fold_data(datalist, data_root, fold)
     if not data.val:
@@ -163,9 +165,11 @@ def evaluate_fold(fold: int, datalist: str | Path, data_root: str | Path, fold_d
     write_json({"fold": fold, "checkpoint": str(ckpt), "cases": len(data.val), "rules": rules,
                 "overall": overall}, fold_dir / "summary.json")
     dice = {r: overall[r]["dice"]["mean"] for r in REGIONS}
+    miou = overall[REGIONS[0]]["mean_iou"]["mean"]
     print_fn(f"fold {fold}: {len(data.val)} held-out cases predicted; Dice ({rules}) "
              + "  ".join(f"{r} {dice[r] if dice[r] is not None else float('nan'):.3f}"
-                         for r in REGIONS))
+                         for r in REGIONS)
+             + f"; mean IoU {miou if miou is not None else float('nan'):.3f}")
     return rows
 
 

@@ -2,8 +2,10 @@
 
 Used by `medseg cv` for out-of-fold predictions (and by `medseg evaluate`).
 Scores follow a named rule set (`medseg.scoring`, default brats21: pooled HD95,
-both empty → Dice 1, one empty → 373.13 mm). Every row, CSV and summary names its
-rule set, and rows scored under different rule sets are never summarised together.
+both empty → Dice 1, one empty → 373.13 mm). Every row also holds the region's IoU
+(``iou``; voxel-wise, with the rule set's Dice conventions for empty masks) and the
+case's mean IoU over TC, WT, ET (``mean_iou``, the same on the case's three rows).
+Every row, CSV and summary names its rule set, and rows scored under different rule sets are never summarised together.
 Both files must lie on the same grid: a prediction on another grid is an error,
 never a resampled guess.
 """
@@ -23,8 +25,9 @@ from medseg.data.io import (atomic_path, is_nifti, load_array, load_header, nift
                             write_json)
 from medseg.errors import DataError, MedsegError
 from medseg.labels import CONVENTIONS, REGIONS, get_convention, labels_to_regions, validate_labels
-from medseg.metrics import score_case
-from medseg.scoring import ALL_METRICS, DEFAULT_RULES, describe_rules, get_rules, rule_metrics
+from medseg.metrics import mean_iou, score_case
+from medseg.scoring import (ALL_METRICS, CASE_METRICS, DEFAULT_RULES, describe_rules, get_rules,
+                            rule_metrics)
 
 __all__ = ["load_regions", "evaluate_case", "metric_rows", "summarize", "write_rows", "read_rows",
            "references", "evaluate_folder", "format_table", "rules_of"]
@@ -73,8 +76,12 @@ def evaluate_case(pred: str | Path, ref: str | Path, convention: str,
 
 def metric_rows(case_id: str, metrics: dict[str, dict[str, float]], rules: str = DEFAULT_RULES,
                 **extra) -> list[dict]:
-    """One row per region: {**extra, case, region, rules, dice, hd95, …}."""
-    return [{**extra, "case": case_id, "region": r, "rules": rules, **metrics[r]} for r in REGIONS]
+    """One row per region: {**extra, case, region, rules, dice, iou, hd95, …, mean_iou},
+    the region's columns (`rule_metrics`) then the case's (`CASE_METRICS`: the mean of
+    the regions' IoU, NaN regions left out)."""
+    case = {"mean_iou": mean_iou({r: metrics[r] for r in REGIONS})}
+    return [{**extra, "case": case_id, "region": r, "rules": rules, **metrics[r], **case}
+            for r in REGIONS]
 
 
 def rules_of(rows: Iterable[dict]) -> str:
@@ -101,9 +108,12 @@ def _stats(values: list[float]) -> dict[str, float | None]:
 
 def summarize(rows: Iterable[dict]) -> dict[str, dict[str, dict[str, float]]]:
     """{region: {metric: {mean, std, median, n}}} over the rows, which must all have
-    been scored under one rule set (its metric columns are summarised)."""
+    been scored under one rule set (its metric columns and ``mean_iou`` are summarised;
+    ``mean_iou`` is a case's, so its statistics are the same in every region). Columns
+    that rows written before them lack (``iou``, ``mean_iou``) are left out."""
     rows = list(rows)
-    metrics = rule_metrics(get_rules(rules_of(rows)))
+    metrics = [m for m in rule_metrics(get_rules(rules_of(rows))) + CASE_METRICS
+               if all(m in row for row in rows)]
     return {r: {m: _stats([row[m] for row in rows if row["region"] == r]) for m in metrics}
             for r in REGIONS if any(row["region"] == r for row in rows)}
 
@@ -194,8 +204,9 @@ def _cell(stats: dict, fmt: str) -> str:
 def format_table(overall: dict, lines_before: list[tuple[str, dict]] = (),
                  rules: str = DEFAULT_RULES) -> str:
     """Mean ± std per region: one Dice line per (name, block) in `lines_before`, then
-    the overall Dice and HD95 lines, and the lesion-wise lines when `overall` has them;
-    the last line names the rule set."""
+    the overall Dice, IoU and HD95 lines, and the lesion-wise lines when `overall` has
+    them; then the mean IoU over the regions (a case's mean, averaged over the cases)
+    and a line naming the rule set."""
     out = [f"{'':10}" + "".join(f"{r:>22}" for r in REGIONS)]
     units = "vox" if get_rules(rules).units == "voxel" else "mm"
 
@@ -204,12 +215,17 @@ def format_table(overall: dict, lines_before: list[tuple[str, dict]] = (),
 
     out += [line(name, block, "dice", ".3f") for name, block in lines_before]
     out.append(line("Dice", overall, "dice", ".3f"))
-    out.append(line(f"HD95 {units}", overall, "hd95", ".1f"))
     first = overall[REGIONS[0]] if overall else {}
+    if "iou" in first:
+        out.append(line("IoU", overall, "iou", ".3f"))
+    out.append(line(f"HD95 {units}", overall, "hd95", ".1f"))
     for metric, name, fmt in (("nsd", "NSD", ".3f"), ("lesion_dice", "LW Dice", ".3f"),
                               ("lesion_hd95", f"LW HD95 {units}", ".1f"),
                               ("lesion_nsd", "LW NSD", ".3f")):
         if metric in first:
             out.append(line(name, overall, metric, fmt))
+    if "mean_iou" in first:
+        out.append(f"{'mean IoU':10}{_cell(first['mean_iou'], '.3f'):>22}  (per case, over "
+                   + ", ".join(REGIONS) + ")")
     out.append(f"scoring rules: {rules} (README: 'Scoring rules')")
     return "\n".join(out)

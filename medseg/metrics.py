@@ -4,6 +4,12 @@ named rule set (`medseg.scoring`).
 For each region (TC, WT, ET) of one case, from boolean masks on the same grid:
 
 - **Dice** = 2|P∩R| / (|P|+|R|).
+- **IoU** (Jaccard) = |P∩R| / |P∪R| = |P∩R| / (|P|+|R|−|P∩R|), from the same voxel
+  counts (for one mask pair IoU = Dice/(2−Dice)). No BraTS rule set defines IoU: it
+  takes each rule set's whole-image Dice conventions for empty masks (both empty →
+  1, or NaN under brats-eval; one empty, or no overlap → 0). Under the lesion-wise
+  rule sets it stays this whole-image (voxel-wise) IoU: there is no lesion-wise
+  IoU. `mean_iou` is a case's mean over its regions (TC, WT, ET).
 - **HD95** (mm): surfaces are the mask voxels removed by one binary erosion
   (6-connectivity, MONAI `get_mask_edges`); distances are Euclidean in mm from
   the voxel spacing (MONAI `get_surface_distance`). The distances of both
@@ -14,9 +20,9 @@ For each region (TC, WT, ET) of one case, from boolean masks on the same grid:
   pooled). The BraTS 2023 code takes the larger directed percentile too, but over
   DeepMind's surfels (2×2×2 corner elements weighted by area): `surfel_distances`.
 - **Hausdorff**: the maximum of all those distances.
-- Empty masks (`score_region` under the brats21 rules): both empty → Dice 1, HD95 0,
-  Hausdorff 0 (the tumour region is absent and the model says so). Exactly one
-  empty → Dice 0, HD95 = Hausdorff = 373.13 mm, the BraTS penalty (the diagonal of
+- Empty masks (`score_region` under the brats21 rules): both empty → Dice 1, IoU 1,
+  HD95 0, Hausdorff 0 (the tumour region is absent and the model says so). Exactly one
+  empty → Dice 0, IoU 0, HD95 = Hausdorff = 373.13 mm, the BraTS penalty (the diagonal of
   the 240×240×155 mm BraTS field of view). Other rule sets say otherwise:
   `score_region` reads them from a `medseg.scoring.RuleSet`.
 - Sensitivity = |P∩R|/|R| (1 when R is empty), specificity =
@@ -39,13 +45,13 @@ from scipy.optimize import linear_sum_assignment
 
 from medseg.labels import REGIONS
 
-__all__ = ["BRATS_HD_PENALTY", "METRICS", "dice", "surface_distances", "surfel_distances",
-           "lesion_scores", "score_region", "score_case"]
+__all__ = ["BRATS_HD_PENALTY", "METRICS", "dice", "iou", "mean_iou", "surface_distances",
+           "surfel_distances", "lesion_scores", "score_region", "score_case"]
 
 #: mm; sqrt(240² + 240² + 155²) = 373.13, the BraTS penalty for a missed or spurious region.
 BRATS_HD_PENALTY = 373.13
 
-METRICS = ("dice", "hd95", "hausdorff", "sensitivity", "specificity", "vol_pred_ml", "vol_ref_ml")
+METRICS = ("dice", "iou", "hd95", "hausdorff", "sensitivity", "specificity", "vol_pred_ml", "vol_ref_ml")
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -54,6 +60,26 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     if p + r == 0:
         return 1.0
     return 2.0 * int(np.logical_and(pred, ref).sum()) / (p + r)
+
+
+def iou(pred: np.ndarray, ref: np.ndarray) -> float:
+    """IoU (Jaccard) of two boolean masks, |P∩R| / |P∪R|; 1.0 when both are empty
+    (the convention of `dice`)."""
+    p, r = int(pred.sum()), int(ref.sum())
+    if p + r == 0:
+        return 1.0
+    tp = int(np.logical_and(pred, ref).sum())
+    return tp / (p + r - tp)
+
+
+def mean_iou(case: dict[str, dict[str, float]]) -> float:
+    """A case's mean IoU: the mean of its regions' ``iou`` ({region: {metric: value}},
+    as `score_case` returns). Regions whose IoU is NaN (both masks empty under a rule
+    set that excludes them, brats-eval) are left out, as the summaries leave them
+    out; NaN when every region is NaN."""
+    v = np.asarray([case[r]["iou"] for r in case], dtype=np.float64)
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if v.size else float("nan")
 
 
 def surface_distances(pred: np.ndarray, ref: np.ndarray,
@@ -312,7 +338,10 @@ def score_region(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
 
     Whole-image Dice/HD95/Hausdorff/NSD follow the rules' empty-mask handling,
     penalty, HD95 variant and units; sensitivity, specificity and volumes (mL) are
-    the same under every rule set.
+    the same under every rule set. IoU, which no rule set defines, is the whole-image
+    (voxel-wise) IoU with the rules' Dice conventions: both empty → 1 (NaN when the
+    rules say ``both_empty="nan"``), one empty or no overlap → 0; lesion-wise rule
+    sets add no lesion-wise IoU.
     """
     pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
     if pred.shape != ref.shape:
@@ -331,13 +360,15 @@ def score_region(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
         pred, ref = pred[box], ref[box]
     nan = float("nan")
     if n_p == 0 and n_r == 0:
-        d, hd95, hd, nsd = ((nan,) * 4 if rules.both_empty == "nan" else (1.0, 0.0, 0.0, 1.0))
+        d, j, hd95, hd, nsd = ((nan,) * 5 if rules.both_empty == "nan"
+                               else (1.0, 1.0, 0.0, 0.0, 1.0))
     elif n_p == 0 or n_r == 0 or (tp == 0 and rules.disjoint_is_penalty):
-        d, hd95, hd, nsd = 0.0, float(rules.penalty), float(rules.penalty), 0.0
+        d, j, hd95, hd, nsd = 0.0, 0.0, float(rules.penalty), float(rules.penalty), 0.0
     else:
         hd95, hd, nsd = _distance_scores(pred, ref, sp, rules, whole_image=True)
         d = 2.0 * tp / (n_p + n_r)
-    out = {"dice": d, "hd95": hd95, "hausdorff": hd,
+        j = tp / (n_p + n_r - tp)
+    out = {"dice": d, "iou": j, "hd95": hd95, "hausdorff": hd,
            "sensitivity": tp / n_r if n_r else 1.0,
            "specificity": (neg - n_p + tp) / neg if neg else 1.0,
            "vol_pred_ml": n_p * voxel_ml, "vol_ref_ml": n_r * voxel_ml}

@@ -9,7 +9,8 @@ every case with its volumes (mL) per label and per region, lesion counts and the
 largest lesion's size (`medseg.volumetry`, measured from the mask), the
 uncertainty score and review flag that `medseg predict` recorded in
 ``predictions.json`` ("–" when absent; flagged rows stand out) and, with
-references, Dice and HD95. A raw scanner study (`medseg predict --raw`, its
+references, Dice, IoU (per region and the case's mean over TC, WT, ET; voxel-wise,
+with the rule set's Dice conventions for empty masks) and HD95. A raw scanner study (`medseg predict --raw`, its
 ``raw`` record in ``predictions.json``) also gets a column with its QC picture
 (``<pred>/qc/<case>.png``, copied to ``<out>/qc/`` so the report folder stands
 alone and linked from its row), its review state with the reasons, and the brain
@@ -34,6 +35,7 @@ from medseg.data.io import atomic_path, load_array, load_header
 from medseg.errors import MedsegError
 from medseg.evaluate import evaluate_case, references
 from medseg.labels import CLASS_COLOURS, CLASS_NAMES, REGIONS, get_convention, labels_to_regions
+from medseg.metrics import mean_iou
 from medseg.scoring import DEFAULT_RULES, get_rules
 from medseg.volumetry import case_volumetry
 
@@ -109,8 +111,9 @@ def _case_png(images: dict[str, np.ndarray], rows: list[tuple[str, np.ndarray]],
 def make_report(pred: str | Path, images: str | Path, out: str | Path,
                 ref: str | Path | None = None, convention: str | None = None,
                 rules: str = DEFAULT_RULES) -> Path:
-    """Write ``out/index.html`` and one PNG per predicted case (Dice and HD95 scored
-    under the rule set `rules`, named on the page); returns the HTML path."""
+    """Write ``out/index.html`` and one PNG per predicted case (Dice, IoU with the
+    case's mean IoU, and HD95 scored under the rule set `rules`, named on the page);
+    returns the HTML path."""
     get_rules(rules)
     try:
         import matplotlib  # noqa: F401
@@ -314,6 +317,8 @@ def _row(e: dict, names: list[str], with_ref: bool, with_raw: bool = False) -> s
     cells += unc
     if with_ref:
         cells += "".join(f"<td>{m[r]['dice']:.3f}</td>" if m else "<td>–</td>" for r in REGIONS)
+        cells += "".join(f"<td>{m[r]['iou']:.3f}</td>" if m else "<td>–</td>" for r in REGIONS)
+        cells += f"<td>{mean_iou(m):.3f}</td>" if m else "<td>–</td>"
         cells += "".join(f"<td>{m[r]['hd95']:.1f}</td>" if m else "<td>–</td>" for r in REGIONS)
     cells += f"<td>{html.escape(', '.join(e['missing'])) or '–'}</td>"
     if with_raw:
@@ -328,13 +333,16 @@ def _write_html(table: list[dict], out: Path, conv: str, with_ref: bool, rules: 
     raws = [e["raw"] for e in table if e.get("raw")]
     groups = [("volume per label, mL", len(names)), ("volume per region, mL", 3),
               ("lesions (26-connected)", 3), ("largest WT lesion, mm", 1), ("uncertainty", 1),
-              ("review", 1)] + ([("Dice", 3), ("HD95, mm", 3)] if with_ref else []) + [("predicted without", 1)] \
+              ("review", 1)] + ([("Dice", 3), ("IoU", 4), ("HD95, mm", 3)] if with_ref else []) + [("predicted without", 1)] \
         + ([("raw study", 1)] if raws else [])
     top = "<th rowspan=2>case</th>" + "".join(f"<th colspan={n}>{g}</th>" for g, n in groups)
     sub = "".join(f"<th>{_swatch(cls)}{html.escape(c.names[v])}</th>" for v, cls in c.classes().items())
     sub += "".join(f"<th>{r}</th>" for r in REGIONS) * 2
     sub += "<th>RL × AP × SI</th><th>case score</th><th>flag</th>"
-    sub += "".join(f"<th>{r}</th>" for r in REGIONS) * (2 if with_ref else 0) + "<th>modalities</th>"
+    if with_ref:
+        sub += ("".join(f"<th>{r}</th>" for r in REGIONS) * 2 + "<th>mean</th>"
+                + "".join(f"<th>{r}</th>" for r in REGIONS))
+    sub += "<th>modalities</th>"
     sub += "<th>QC, review, brain extractor, atlas</th>" if raws else ""
     flagged = sum(_uncertainty_cells(e["uncertainty"])[1] for e in table)
     scored = sum(isinstance(e["uncertainty"], dict) for e in table)
@@ -360,7 +368,10 @@ def _write_html(table: list[dict], out: Path, conv: str, with_ref: bool, rules: 
             "touching by a face, edge or corner); largest lesion: its extent along the scanner axes "
             "(right–left, anterior–posterior, superior–inferior). Cases predicted without some "
             "modalities say which. Scoring rules "
-            f"<b>{html.escape(rules)}</b>: {html.escape(get_rules(rules).description)}.</p>"
+            f"<b>{html.escape(rules)}</b>: {html.escape(get_rules(rules).description)}."
+            + (" IoU (Jaccard, |P∩R|/|P∪R|), which the rule sets do not define: voxel-wise over the "
+               "whole image, with the rule set's Dice conventions for empty masks; mean: the case's "
+               "mean over TC, WT and ET." if with_ref else "") + "</p>"
             f"{_legend_html(conv)}"
             f"<table><tr>{top}</tr><tr class=cols>{sub}</tr>{rows}"
             f"</table>{figs}</body></html>")

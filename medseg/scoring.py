@@ -31,6 +31,12 @@ brats-eval     NaN (skip)   373                 pooled          voxel  one-to-on
   an infinite whole-image HD95 (written here as the 373 penalty, as its parser does
   for lesion HD95).
 
+IoU (Jaccard), which none of these rule sets defines, is written under every one as
+the whole-image (voxel-wise) IoU with that rule set's Dice conventions for empty
+masks: both empty → 1 (brats21, brats23*) or NaN (brats-eval); one empty, or no
+overlap → 0. The lesion-wise rule sets get no lesion-wise IoU. A case's
+``mean_iou`` is the mean of its regions' IoU (NaN regions left out).
+
 Readings of the references that are choices, not certainties: the brats23 size
 threshold compares mm³ (the script multiplies voxel counts by the spacing; the same
 as voxels at BraTS's 1 mm); brats-eval's penalty of 373 for an infinite whole-image
@@ -44,16 +50,20 @@ from dataclasses import asdict, dataclass, replace
 from medseg.errors import MedsegError
 
 __all__ = ["LesionRules", "RuleSet", "RULE_SETS", "DEFAULT_RULES", "BASE_METRICS",
-           "ALL_METRICS", "get_rules", "rule_metrics", "describe_rules"]
+           "CASE_METRICS", "ALL_METRICS", "get_rules", "rule_metrics", "describe_rules"]
 
 #: The rule set used when none is named: see the module docstring for why.
 DEFAULT_RULES = "brats21"
 
-#: Whole-image columns of every rule set (as medseg has always written them).
-BASE_METRICS = ("dice", "hd95", "hausdorff", "sensitivity", "specificity", "vol_pred_ml",
+#: Whole-image columns of every rule set (as medseg has always written them, plus the
+#: IoU after Dice: voxel-wise, with the rule set's Dice conventions for empty masks).
+BASE_METRICS = ("dice", "iou", "hd95", "hausdorff", "sensitivity", "specificity", "vol_pred_ml",
                 "vol_ref_ml")
+#: Per-case columns after a region's own in every metrics row (the same value on each of
+#: the case's region rows): the mean over the regions' IoU (`medseg.metrics.mean_iou`).
+CASE_METRICS = ("mean_iou",)
 #: Every column any rule set may add; `lesions_*` are counts, the rest floats.
-ALL_METRICS = BASE_METRICS + ("nsd", "lesion_dice", "lesion_hd95", "lesion_nsd", "lesions_tp",
+ALL_METRICS = BASE_METRICS + CASE_METRICS + ("nsd", "lesion_dice", "lesion_hd95", "lesion_nsd", "lesions_tp",
                               "lesions_fp", "lesions_fn")
 
 
@@ -87,7 +97,7 @@ class LesionRules:
 class RuleSet:
     """One way to score a region. Fields are values a leaderboard documents.
 
-    both_empty: ``perfect`` (Dice 1, HD95 0) or ``nan`` (excluded from means).
+    both_empty: ``perfect`` (Dice 1, IoU 1, HD95 0) or ``nan`` (excluded from means).
     penalty: HD95 (and Hausdorff) when exactly one mask is empty, and of every
       unmatched lesion.
     hd95: ``pooled`` — surfaces are the voxels a 6-connected erosion removes, the 95th

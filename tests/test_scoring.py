@@ -264,7 +264,7 @@ def test_evaluate_folder_records_the_rule_set(tmp_path, rules):
     with open(tmp_path / "out" / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["rules"] for r in rows} == {rules}
-    assert list(rows[0])[3:] == list(rule_metrics(get_rules(rules)))
+    assert list(rows[0])[3:] == list(rule_metrics(get_rules(rules))) + ["mean_iou"]
     et = saved["overall"]["ET"]["dice"]
     assert et["mean"] == (None if rules == "brats-eval" else 1.0)   # both empty
 
