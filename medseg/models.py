@@ -8,6 +8,7 @@ preset: ``full`` (32…320 filters, nnU-Net's size, the GPU recipe) or ``cpu``
 (16…128, trains in minutes on 2 cores). With ``missing_aware=True`` every
 instance norm also takes a FiLM modulation driven by which input channels are
 missing (`MissingAwareDynUNet`), for models trained with modality dropout.
+`deeplabv3plus` is a 3D DeepLabv3+ (output stride 8, ASPP, stride-4 decoder; `medseg.deeplab`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from monai.networks.nets import AttentionUnet, DynUNet, SegResNet, SwinUNETR
 from torch import nn
 
+from medseg.deeplab import DeepLabV3Plus3D
 from medseg.errors import MedsegError
 from medseg.labels import CHANNELS, REGIONS
 
@@ -149,11 +151,20 @@ def _attention_unet(channels: tuple[int, ...] = (16, 32, 64, 128, 256)) -> nn.Mo
                          channels=list(channels), strides=[2] * (len(channels) - 1))
 
 
+def _deeplabv3plus(channels: tuple[int, ...] = (16, 32, 64, 128), aspp_rates: tuple[int, ...] = (1, 2, 3),
+                   dilations: tuple[int, ...] = (2,), aspp_channels: int | None = None,
+                   low_level_channels: int | None = None, dropout: float = 0.0) -> nn.Module:
+    return DeepLabV3Plus3D(len(CHANNELS), len(REGIONS), channels=channels, dilations=dilations,
+                           aspp_rates=aspp_rates, aspp_channels=aspp_channels,
+                           low_level_channels=low_level_channels, dropout=dropout)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "unet3d": _unet3d,
     "segresnet": _segresnet,
     "swinunetr": _swinunetr,
     "attention_unet": _attention_unet,
+    "deeplabv3plus": _deeplabv3plus,
 }
 
 
@@ -185,4 +196,6 @@ def size_divisor(name: str = "unet3d", **kwargs) -> int:
         return 2 ** (len(kwargs.get("channels", (16, 32, 64, 128, 256))) - 1)
     if name == "segresnet":
         return 8     # blocks_down (1, 2, 2, 4): 3 downsamplings
+    if name == "deeplabv3plus":
+        return 8     # output stride 8: 3 stride-2 stages, then dilation
     return 32        # swinunetr: patch embedding 2 × 4 patch merges
