@@ -212,8 +212,8 @@ def main() -> None:
         order = ["default"] + [r for r in a.rows if r != "default"]
         for row in order:
             if row == "crf":
-                from medseg.crf import parse_crf_params
-                seconds[row] = _crf_row(a, parse_crf_params(a.crf))
+                from medseg.crf import CRFParams
+                seconds[row] = _crf_row(a, CRFParams.parse(a.crf or None))
             else:
                 seconds[row] = _cv(a, row)
             print(f"[{row}] {seconds[row] / 60:.1f} min", flush=True)

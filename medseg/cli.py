@@ -194,6 +194,18 @@ def _cmd_cv(a) -> int:
     return 0
 
 
+def _crf_params(a):
+    """`--crf` / `--crf-params` → `medseg.crf.CRFParams` (said on the terminal), or None."""
+    if a.crf_params is not None and not a.crf:
+        raise MedsegError("--crf-params sets the dense CRF's parameters: add --crf")
+    if not a.crf:
+        return None
+    from medseg.crf import CRFParams, describe_crf
+    params = CRFParams.parse(a.crf_params)
+    _say(describe_crf(params))
+    return params
+
+
 def _cmd_predict_raw(a) -> int:
     """`medseg predict --raw`: raw studies → atlas-space cases → masks on the native series."""
     from medseg.data.inputs import accepts_missing
@@ -212,7 +224,7 @@ def _cmd_predict_raw(a) -> int:
     from medseg.predict import open_engine, predict_all, review_threshold
     engine = open_engine(a.model, a.engine, a.device, a.overlap, a.sw_batch_size, False if a.no_amp else None,
                          a.tta or a.uncertainty, a.min_component_ml, a.et_min_ml, provider=a.provider,
-                         trt_cache=a.trt_cache)
+                         trt_cache=a.trt_cache, crf=_crf_params(a))
     review = review_threshold(engine, a.review_threshold, _say) if a.uncertainty else None
     missing_ok = ("t1", "t2", "flair") if accepts_missing(engine.meta) else ()
     cases, failed = prepare_studies(studies, a.out, reference=a.reference, overrides=parse_overrides(a.series),
@@ -260,7 +272,7 @@ def _cmd_predict(a) -> int:
     from medseg.predict import open_engine, predict_all, review_threshold
     engine = open_engine(a.model, a.engine, a.device, a.overlap, a.sw_batch_size, False if a.no_amp else None,
                          a.tta or a.uncertainty, a.min_component_ml, a.et_min_ml, provider=a.provider,
-                         trt_cache=a.trt_cache)
+                         trt_cache=a.trt_cache, crf=_crf_params(a))
     review = review_threshold(engine, a.review_threshold, _say) if a.uncertainty else None
     predict_all(engine, cases, a.out, root, a.convention, a.overwrite, a.probabilities, print_fn=_say,
                 viewer_files=a.viewer_files, uncertainty=a.uncertainty, review_threshold=review,
@@ -537,6 +549,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a predicted ET smaller than this (mL) becomes necrosis (default: the value "
                     "`medseg cv` chose, when --model is a cv folder; with --engine onnx, the value "
                     "in the model's metadata; else 0)")
+    pr.add_argument("--crf", action="store_true",
+                    help="refine the probabilities with a 3D dense CRF over the four modalities (on the "
+                    "model grid, before the threshold): boundaries move to the image's edges. Needs "
+                    "pip install 'medseg[crf]'; its parameters are recorded in predictions.json")
+    pr.add_argument("--crf-params", metavar="KEY=VALUE,...",
+                    help="with --crf: parameters other than the defaults, e.g. "
+                    "bilateral_weight=4,iterations=10 (keys: bilateral_weight, bilateral_sigma_mm, "
+                    "bilateral_sigma_z, gaussian_weight, gaussian_sigma_mm, iterations, label_model "
+                    "regions|classes, box_probability, margin_mm)")
     pr.add_argument("--probabilities", action="store_true",
                     help="also write OUT/probabilities/<case_id>.nii.gz: TC/WT/ET float maps (X, Y, Z, 3)")
     pr.add_argument("--viewer-files", action="store_true",

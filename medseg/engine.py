@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import nibabel as nib
 import numpy as np
 
+from medseg.crf import CRFParams, dense_crf, describe_crf
 from medseg.data.io import write_label_map, write_region_maps
 from medseg.errors import MedsegError
 from medseg.labels import CHANNELS, regions_to_labels
@@ -60,6 +61,9 @@ class Engine:
 
     #: "torch" or "onnx" (recorded in every output).
     engine = ""
+    #: Dense-CRF settings (`medseg predict --crf`, set by `medseg.predict.open_engine`):
+    #: applied to the member mean on the model grid, before `restore`; None: off.
+    crf: CRFParams | None = None
 
     def __init__(self, spec: PipelineSpec, meta: dict, n_models: int, mirror: bool, sources: Sequence[str]):
         self.spec, self.meta, self.n_models, self.mirror = spec, meta, n_models, mirror
@@ -95,7 +99,18 @@ class Engine:
         return f"{self.meta['network']['name']}, {self.n_models} model(s)"
 
     def postprocessing(self) -> str:
-        return describe_postprocessing(self.spec.min_component_ml, self.spec.et_min_ml)
+        post = describe_postprocessing(self.spec.min_component_ml, self.spec.et_min_ml)
+        if self.crf is None:
+            return post
+        return describe_crf(self.crf) + ("" if post == "none" else f", then {post}")
+
+    def refine(self, p: np.ndarray, x: np.ndarray, grid) -> np.ndarray:
+        """The `(3, …)` member mean `p` on the model grid after the dense CRF over the
+        model input `x` (`crf`; unchanged when None). `grid.spacing_out`: the model
+        grid's voxel size in mm, in the axis order of `x`."""
+        if self.crf is None:
+            return p
+        return dense_crf(p, x, self.crf, spacing=tuple(grid.spacing_out))
 
     def prepare(self, images: Sequence[str | Path], channels: Sequence[str] = CHANNELS):
         """Files → (`(4, …)` model input as a numpy array, its `Grid`, the first file's header image)."""
@@ -134,7 +149,7 @@ class Engine:
         """→ `(3, X, Y, Z)` TC/WT/ET probabilities on the first file's grid, and its header image."""
         x, grid, ref = self.prepare(images, channels)
         p = self._to_numpy(self.member_mean(self._to_backend(x)))
-        return restore(p, grid), ref
+        return restore(self.refine(p, x, grid), grid), ref
 
     def uncertainty(self, images: Sequence[str | Path], channels: Sequence[str] = CHANNELS,
                     statistics: Sequence[str] = (STATISTIC,)) -> tuple[np.ndarray, dict, nib.Nifti1Image]:
@@ -144,7 +159,8 @@ class Engine:
         stats = MemberStats(entropy="mutual_information" in statistics)
         p = self.member_mean(self._to_backend(x), stats)
         maps = stats.maps(statistics)
-        stack = np.concatenate([self._to_numpy(p)] + [self._to_numpy(maps[s]) for s in statistics])
+        stack = np.concatenate([self.refine(self._to_numpy(p), x, grid)] +
+                               [self._to_numpy(maps[s]) for s in statistics])
         out = restore(stack, grid)
         return out[:3], {s: out[3 * i + 3: 3 * i + 6] for i, s in enumerate(statistics)}, ref
 

@@ -23,6 +23,7 @@ from medseg.viewer import viewer_paths, write_viewer_files
 from medseg.volumetry import VOLUMES_CSV, case_volumetry, write_batch_volumes
 
 if TYPE_CHECKING:
+    from medseg.crf import CRFParams
     from medseg.engine import Engine
 
 __all__ = ["resolve_checkpoints", "default_postprocessing", "open_engine", "review_calibration",
@@ -60,12 +61,16 @@ def open_engine(model: Sequence[str | Path], engine: str = "torch", device: str 
                 overlap: float | None = None, sw_batch_size: int | None = None, amp: bool | None = None,
                 mirror: bool = False, min_component_ml: float | None = None,
                 et_min_ml: float | None = None, provider: str = "auto",
-                trt_cache: str | Path | None = None) -> "Engine":
+                trt_cache: str | Path | None = None, crf: "CRFParams | None" = None) -> "Engine":
     """The engine for `--model`: ``torch`` (checkpoints, a train run or a cv folder,
     whose ``postprocessing.json`` gives the default ``et_min_ml``) or ``onnx`` (one
     exported file; torch is never imported; `provider`: ``auto``, ``cpu``, ``cuda``
     or ``tensorrt``, see `medseg.edge.session_providers`). None values keep the
-    model's spec."""
+    model's spec. `crf`: dense-CRF settings (`medseg.crf`) for each case's
+    probabilities (`Engine.crf`); its package is checked here, before any case."""
+    if crf is not None:
+        from medseg.crf import require_crf
+        require_crf()
     if engine != "onnx" and (provider != "auto" or trt_cache is not None):
         raise MedsegError("--provider and --trt-cache choose the onnxruntime execution provider: they "
                           "take --engine onnx (the torch engine uses --device)")
@@ -76,15 +81,21 @@ def open_engine(model: Sequence[str | Path], engine: str = "torch", device: str 
             raise MedsegError("--overlap, --sw-batch-size, --no-amp and --device are torch-engine options; "
                               "the ONNX engine runs the window settings recorded at export")
         from medseg.edge import EdgePredictor
-        return EdgePredictor(model[0], min_component_ml=min_component_ml, et_min_ml=et_min_ml, mirror=mirror,
-                             provider=provider, trt_cache=trt_cache)
+        return _with_crf(EdgePredictor(model[0], min_component_ml=min_component_ml, et_min_ml=et_min_ml,
+                                       mirror=mirror, provider=provider, trt_cache=trt_cache), crf)
     if engine != "torch":
         raise MedsegError(f"--engine {engine!r}; expected 'torch' or 'onnx'")
     from medseg.infer import Predictor
     if et_min_ml is None:
         et_min_ml = default_postprocessing(model).get("et_min_ml")
-    return Predictor(resolve_checkpoints(model), device=device, overlap=overlap, sw_batch_size=sw_batch_size,
-                     amp=amp, mirror=mirror, min_component_ml=min_component_ml, et_min_ml=et_min_ml)
+    return _with_crf(Predictor(resolve_checkpoints(model), device=device, overlap=overlap,
+                               sw_batch_size=sw_batch_size, amp=amp, mirror=mirror,
+                               min_component_ml=min_component_ml, et_min_ml=et_min_ml), crf)
+
+
+def _with_crf(engine: "Engine", crf: "CRFParams | None") -> "Engine":
+    engine.crf = crf
+    return engine
 
 
 def review_calibration(model: Sequence[str | Path], onnx_meta: dict | None = None) -> tuple[dict, str] | None:
@@ -177,7 +188,8 @@ def predict_all(engine: "Engine", cases: list[InputCase], out_dir: str | Path,
            "model": engine.sources, "model_label_convention": engine.spec.label_convention,
            "mirror_tta": engine.mirror, "members": engine.members(), "probabilities": probabilities,
            "postprocessing": post, "min_component_ml": engine.spec.min_component_ml,
-           "et_min_ml": engine.spec.et_min_ml, "uncertainty": STATISTIC if uncertainty else None,
+           "et_min_ml": engine.spec.et_min_ml, "crf": engine.crf.to_dict() if engine.crf else None,
+           "uncertainty": STATISTIC if uncertainty else None,
            "review_threshold": review_threshold, **({"raw": raw} if raw else {})}
 
     def one(case: InputCase, outs: list[Path]) -> dict:
