@@ -8,8 +8,12 @@ Each arm runs in its own process (its peak memory is its own): the trainer's
 network (`unet3d` ``full``, 32…320 filters, deep supervision heads), loss
 (`build_criterion`) and autocast setting, one SGD step per iteration on the same
 seeded input and target. Printed per arm: the loss of the first step (must be
-equal), seconds per step (the last one, after a warm-up), and the memory the
-step needs above what the process held before it:
+equal), seconds per step (the last one, after a warm-up), and the memory above what the process
+held before the first step: held at the end of its forward pass (the
+activations kept for backward, and the outputs), the peak of that forward pass,
+and the peak of the whole step (the backward pass included: with
+checkpointing, a block's activations are recomputed there, one block at a
+time), measured as
 
 - CPU: peak resident memory (VmHWM) during the steps minus the resident memory
   before them (weights, optimiser state and input already allocated);
@@ -73,6 +77,12 @@ def _arm(args) -> dict:
             out = net(x)
             heads = list(torch.unbind(out, 1)) if out.ndim == 6 else out
         loss = loss_fn(heads, y)
+        if not losses:       # what the forward pass keeps for backward, and its own peak
+            held, fwd_peak = _rss_mb() - base_rss, peak_rss_mb() - base_rss
+            if dev.type == "cuda":
+                held_gpu = (torch.cuda.memory_allocated(dev) - base) / 2 ** 20
+                fwd_gpu = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 20
+        del out, heads
         loss.backward()
         opt.step()
         if dev.type == "cuda":
@@ -81,10 +91,18 @@ def _arm(args) -> dict:
         losses.append(float(loss))
     res = {"arm": args.arm, "device": str(dev), "amp": bool(amp), "losses": losses, "seconds": seconds,
            "step_peak_rss_mb": peak_rss_mb() - base_rss, "base_rss_mb": base_rss,
+           "forward_held_rss_mb": held, "forward_peak_rss_mb": fwd_peak,
            "params_m": sum(p.numel() for p in net.parameters()) / 1e6}
     if dev.type == "cuda":
         res["step_peak_gpu_mb"] = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 20
+        res["forward_held_gpu_mb"], res["forward_peak_gpu_mb"] = held_gpu, fwd_gpu
     return res
+
+
+def _key(col: str) -> str:
+    """"rss_forward_held" → "forward_held_rss_mb"."""
+    kind, metric = col.split("_", 1)
+    return f"{metric}_{kind}_mb"
 
 
 def main() -> None:
@@ -108,14 +126,16 @@ def main() -> None:
     a, b = res["plain"], res["checkpoint"]
     print(f"{args.preset} preset, {args.patch}³ patch, batch {args.batch}, {a['device']}, "
           f"{'autocast' if a['amp'] else 'float32'}, {a['params_m']:.1f} M parameters")
-    print(f"{'arm':<12}{'first loss':>14}{'s/step':>9}{'step RSS MB':>13}" +
-          (f"{'GPU MB':>10}" if "step_peak_gpu_mb" in a else ""))
+    kinds = ["rss"] + (["gpu"] if "step_peak_gpu_mb" in a else [])
+    cols = [(f"{k}_{m}", f"{m.replace('_', ' ')} {k.upper()} MB") for k in kinds
+            for m in ("forward_held", "forward_peak", "step_peak")]
+    print(f"{'arm':<12}{'first loss':>14}{'s/step':>9}" + "".join(f"{h:>24}" for _, h in cols))
     for r in (a, b):
-        print(f"{r['arm']:<12}{r['losses'][0]:>14.7f}{r['seconds'][-1]:>9.2f}{r['step_peak_rss_mb']:>13.0f}" +
-              (f"{r['step_peak_gpu_mb']:>10.0f}" if "step_peak_gpu_mb" in r else ""))
+        print(f"{r['arm']:<12}{r['losses'][0]:>14.7f}{r['seconds'][-1]:>9.2f}"
+              + "".join(f"{r[_key(c)]:>24.0f}" for c, _ in cols))
     rel = abs(a["losses"][0] - b["losses"][0]) / max(abs(a["losses"][0]), 1e-12)
-    print(f"memory (checkpoint / plain): RSS {b['step_peak_rss_mb'] / a['step_peak_rss_mb']:.2f}×"
-          + (f", GPU {b['step_peak_gpu_mb'] / a['step_peak_gpu_mb']:.2f}×" if "step_peak_gpu_mb" in a else "")
+    print("memory (checkpoint / plain): " + ", ".join(f"{h.replace(' MB', '')} {b[_key(c)] / a[_key(c)]:.2f}×"
+                                                     for c, h in cols)
           + f"; time {b['seconds'][-1] / a['seconds'][-1]:.2f}×; first-step loss relative difference {rel:.1e}")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), **res}, indent=2))

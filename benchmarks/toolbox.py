@@ -4,6 +4,7 @@ against the default recipe, same data, folds, seeds and training budget.
     python benchmarks/toolbox.py                              # every row, the cpu preset's budget
     python benchmarks/toolbox.py --epochs 6 --iters 8         # a smaller budget (say so when quoting it)
     python benchmarks/toolbox.py --rows default focal         # some rows
+    python benchmarks/toolbox.py --folds 0 --epochs 8         # one fold's held-out cases
 
 Rows (each a `medseg cv` of the demo's 5 folds with the ``cpu`` preset, one
 after the other, in `--out`/<row>; an interrupted run resumes):
@@ -72,6 +73,8 @@ def _budget(a, row: str) -> list[str]:
         out += ["--set", f"train.patch=[{p},{p},{p}]"]
     for o in ROWS[row]:
         out += ["--set", o]
+    for k in a.folds or ():
+        out += ["--fold", str(k)]
     return out
 
 
@@ -189,7 +192,8 @@ def table(result: dict, a) -> str:
                      f"{e['hd95_mean']:.1f} | {e['iou_mean']:.3f} | {spi} | {e['params_m']:.2f} |")
     budget = (f"{a.epochs or 'preset'} epochs × {a.iters or 'preset'} iterations" if (a.epochs or a.iters)
               else "the cpu preset's budget (40 epochs × 16 iterations)")
-    return "\n".join(lines) + f"\n\n{budget}, batch 2, seed {a.seed}; out-of-fold cases of every fold."
+    folds = f"folds {a.folds}" if a.folds else "every fold"
+    return "\n".join(lines) + f"\n\n{budget}, batch 2, seed {a.seed}; out-of-fold cases of {folds}."
 
 
 def main() -> None:
@@ -200,6 +204,7 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     p.add_argument("--epochs", type=int, help="training epochs per fold (default: the cpu preset's 40)")
     p.add_argument("--iters", type=int, help="iterations per epoch (default: the cpu preset's 16)")
+    p.add_argument("--folds", type=int, nargs="+", help="train and score only these folds (default: all 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--crf", default="", help="CRF parameters for the crf row, key=value,... (default: medseg's)")
     p.add_argument("--summary-only", action="store_true", help="only summarise the rows already run")
