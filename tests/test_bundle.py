@@ -150,6 +150,7 @@ def test_inference_config_parses_and_instantiates(tiny):
     assert predictor.meta["spacing"] == resolve_config("cpu", TINY_TRAIN)["data"]["spacing"]
 
 
+@pytest.mark.slow   # over 10 s on 2 cores: `make test-slow`
 def test_network_loader_rejects_other_model_values(tiny, tmp_path):
     """A checkpoint of another architecture than the bundle's `model` values (here
     the full default vs the tiny checkpoint): a medseg error naming both and the
@@ -196,6 +197,7 @@ def test_network_matches_metadata_shapes(files):
                       config_file=[str(f) for f in files], device="cpu")
 
 
+@pytest.mark.slow   # over 10 s on 2 cores: `make test-slow`
 def test_verify_net_in_out_as_written():
     """The command of the MONAI model zoo, from the bundle folder, as written: the
     full network of inference.json, without weights, on metadata.json's shape."""
@@ -245,6 +247,7 @@ def test_medseg_holds_no_recipe_values():
     assert presets() == ["full", "cpu"]
 
 
+@pytest.mark.slow   # over 10 s on 2 cores: `make test-slow`
 def test_edited_bundle_copy_defines_the_cli_experiment(tmp_path, split):
     datalist, root = split("brats2023")
     copy = tmp_path / "my_bundle"
@@ -307,6 +310,7 @@ def test_bundle_run_equals_cli_run(tiny, tmp_path):
     assert set(summary["overall"]) >= set(REGIONS)
 
 
+@pytest.mark.slow   # over 10 s on 2 cores: `make test-slow`
 def test_bundle_inferring_writes_masks_on_input_grids(tiny, tmp_path):
     base, root = tiny
     ckpt = base / "bundle_run" / "fold_0" / "checkpoints" / "final.pt"
@@ -327,6 +331,7 @@ def test_bundle_inferring_writes_masks_on_input_grids(tiny, tmp_path):
     assert before == {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow   # over 10 s on 2 cores: `make test-slow`
 @pytest.mark.parametrize("command", ["ckpt_export", "onnx_export"])
 def test_bundle_export_equals_pytorch(command, tiny, tmp_path):
     """MONAI's exporters on a trained checkpoint, as the bundle README writes them
@@ -360,6 +365,7 @@ def test_bundle_export_equals_pytorch(command, tiny, tmp_path):
     assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
 
 
+@pytest.mark.slow   # over 10 s on 2 cores: `make test-slow`
 def test_bundle_torchrun_multi_gpu_train(tiny, tmp_path):
     base, root = tiny
     out = tmp_path / "ddp"
@@ -389,6 +395,7 @@ def test_resolved_config_reruns_through_the_bundle(tiny):
 
 
 # ----------------------------------------------------------------------------- packaging
+@pytest.mark.slow   # over 10 s on 2 cores: `make test-slow`
 def test_bundle_ships_inside_the_package(tmp_path):
     """The wheel holds the bundle as medseg/bundles/brats_unet3d, byte-identical."""
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],

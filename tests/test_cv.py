@@ -92,6 +92,7 @@ def test_cv_fold_subset_msd_layout(split, tmp_path):
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2, 3}
 
 
+@pytest.mark.slow   # over 10 s on 2 cores: `make test-slow`
 def test_cv_parallel_devices(split, tmp_path):
     dl, root = split("brats2023", cases=6, folds=2)
     out = tmp_path / "exp"

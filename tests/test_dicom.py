@@ -223,6 +223,7 @@ def test_segmentation_reads_back_as_the_nifti_mask(model, tmp_path, geometry, en
     assert record["dicom_seg"]["references"] == str(dcm / "t1ce")
 
 
+@pytest.mark.slow   # over 10 s on 2 cores: `make test-slow`
 def test_layouts_names_and_resume(model, tmp_path, capsys):
     ckpt, _, root = model
     cases = discover(root).cases[:2]

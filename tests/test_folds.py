@@ -130,6 +130,7 @@ def test_write_datalist_is_atomic(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [out]           # no temporary file left behind
 
 
+@pytest.mark.slow   # over 10 s on 2 cores: `make test-slow`
 def test_committed_demo_datalist_matches_the_generator(tmp_path):
     """data_lists/demo_brats2023.json is what the demo regenerates (generator + split unchanged)."""
     from medseg.demo import DEMO, demo_datalist

@@ -11,6 +11,9 @@ LAYERS = {
     "data.io": 0.5,                 # reading and atomic writing, under the pipeline
     "pipeline": 0.7,                # the pipeline spec and the one implementation of every step
     "data": 1, "transforms": 1, "models": 1, "losses": 1, "metrics": 1, "postprocess": 1,
+    "deeplab": 0.9,                 # a registry network, imported by models
+    "grad_checkpoint": 1,           # training-time wrapping of a network's blocks
+    "crf": 1,                       # dense-CRF post-processing (numpy), used by the engines
     "scoring": 1,                   # rule sets as data; metrics interprets them without importing
     "uncertainty": 1,               # member statistics and case scores, torch-free, both engines
     # Per-case outputs beside a mask: read and write through data/, used by both engines.

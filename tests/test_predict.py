@@ -148,6 +148,7 @@ def test_evaluate_perfect_and_missing_predictions(trained, tmp_path, capsys):
     assert ds.training[0].case_id in capsys.readouterr().err
 
 
+@pytest.mark.slow   # over 10 s on 2 cores: `make test-slow`
 def test_report_pages(trained, tmp_path):
     run, root = trained
     out = tmp_path / "pred"

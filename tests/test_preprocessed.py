@@ -136,6 +136,7 @@ def test_two_folds_and_parallel_trainers_share_one_store(split, tmp_path):
     assert (out / "fold_1" / "train_summary.json").is_file()
 
 
+@pytest.mark.slow   # over 10 s on 2 cores: `make test-slow`
 def test_torchrun_ranks_split_the_build_and_read_one_store(split, tmp_path):
     dl, root = split()
     out = tmp_path / "ddp"

@@ -118,6 +118,7 @@ def test_round_trip_native_atlas_native(prepared, role):
     del sitk
 
 
+@pytest.mark.slow   # over 10 s on 2 cores: `make test-slow`
 def test_predict_raw_writes_masks_on_the_native_grid(studies, model, tmp_path):
     """`medseg predict --raw`: one mask per study on the T1ce's native grid, the
     identification, QC and transforms in predictions.json, a DICOM Segmentation
@@ -153,6 +154,7 @@ def test_predict_raw_writes_masks_on_the_native_grid(studies, model, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")} == before
 
 
+@pytest.mark.slow   # over 10 s on 2 cores: `make test-slow`
 def test_a_failed_study_gets_nothing_and_the_batch_goes_on(studies, model, tmp_path):
     """A study without a post-contrast series (the T1ce and its reformats removed): no
     mask, its reason in raw_failed.json and the exit status; the other studies are

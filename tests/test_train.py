@@ -70,6 +70,7 @@ def test_same_seed_same_metrics_and_weights(split, tmp_path):
     assert c["final"]["train_loss"] != a["final"]["train_loss"]
 
 
+@pytest.mark.slow   # over 10 s on 2 cores: `make test-slow`
 def test_resume_after_sigkill_matches_uninterrupted_run(split, tmp_path):
     dl, root = split()
     extra = ["train.epochs=4", "train.iters_per_epoch=6", "train.val_every=2"]
@@ -151,6 +152,7 @@ def test_lr_schedule_shapes():
     assert lr_factor(50, 100, 0, "poly") == pytest.approx(0.5 ** 0.9)
 
 
+@pytest.mark.slow   # over 10 s on 2 cores: `make test-slow`
 def test_torchrun_two_cpu_processes(split, tmp_path):
     dl, root = split()
     out = tmp_path / "ddp"
