@@ -189,6 +189,7 @@ def test_edge_masks_equal_pytorch_masks(exported, geometries, tmp_path, post):
     assert predicted > 1000, "the tiny model should predict tumour"
 
 
+@pytest.mark.slow   # over 10 s on 2 cores: `make test-slow` (masks agree on every grid in the default suite)
 def test_engines_agree_on_uncertainty_on_any_grid(exported, geometries):
     """Mirror TTA members through both engines: probabilities, the uncertainty map and
     the case score within 1e-4 on every grid, oblique and thick-slice included."""
