@@ -94,7 +94,6 @@ def _cv(a, row: str) -> float:
 def _crf_row(a, params: dict) -> float:
     """The default row's fold models predict their held-out cases with the CRF → the
     row folder's ``cv_metrics.csv`` (same layout as `medseg cv`'s)."""
-    from medseg.cv import evaluate_fold  # noqa: F401  (the same scoring path)
     from medseg.evaluate import evaluate_case, metric_rows, write_rows
     from medseg.predict import open_engine
     from medseg.train import fold_data
@@ -138,8 +137,6 @@ def _interval(diff: np.ndarray) -> tuple[float, float]:
 def _train_stats(folder: Path) -> tuple[float | None, float | None]:
     """(median seconds per iteration over the epochs without validation, parameters in M)."""
     import csv
-
-    import torch  # noqa: F401
 
     from medseg.config import load_config
     from medseg.train import build_network
