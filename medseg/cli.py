@@ -194,6 +194,26 @@ def _cmd_cv(a) -> int:
     return 0
 
 
+def _cmd_distill(a) -> int:
+    from medseg.distill import format_comparison, run_distill, student_config
+    args = {}
+    for text in a.student_arg:
+        if "=" not in text:
+            raise MedsegError(f"--student-arg {text!r}: expected KEY=VALUE, e.g. width=1.0")
+        k, v = text.split("=", 1)
+        try:
+            args[k] = json.loads(v)
+        except json.JSONDecodeError:
+            args[k] = v
+    cfg = student_config(a.teacher, a.student, args, a.weight, a.teacher_tta, a.set)
+    summary = run_distill(a.teacher, a.out, cfg, a.datalist, a.data_root, a.fold, not a.no_final,
+                          a.device, a.rules, print_fn=_say)
+    print(format_comparison(summary))
+    print(f"results in {a.out}: distill.json, cv_summary.json, fold_*/"
+          + (f"; deployable student: {summary['final']}" if summary["final"] else ""))
+    return 0
+
+
 def _crf_params(a):
     """`--crf` / `--crf-params` → `medseg.crf.CRFParams` (said on the terminal), or None."""
     if a.crf_params is not None and not a.crf:
@@ -390,6 +410,15 @@ _ABOUT = {
            "/data/BraTS2021 --out runs/brats2021_full\n"
            "  medseg cv ... --preset cpu --fold 0              # one fold of the CPU recipe\n"
            "  medseg cv ... --devices cuda:0,cuda:1            # folds in parallel"),
+    "distill": ("Knowledge distillation: a light student network per fold learns from a finished "
+                "cross-validation (the teacher) on the teacher's split: student fold k trains on fold k's "
+                "training cases against a blend of their labels and teacher fold k's probabilities (computed "
+                "once, stored), and is scored on fold k's held-out cases. Then a final student learns every "
+                "case from the whole teacher ensemble. Outputs as `medseg cv`, plus distill.json.",
+                "examples:\n  medseg distill --teacher runs/brats2021_full --out runs/brats2021_student\n"
+                "  medseg distill --teacher runs/demo_cpu --out runs/demo_student --student thin_unet3d\n"
+                "  medseg export --model runs/brats2021_student/final --out student_int8.onnx --precision int8 "
+                "--calibration /data/BraTS2021"),
     "predict": ("Masks (uint8 NIfTI, on each input's exact grid, in the input's label convention) "
                 "from 1..K checkpoints or an exported ONNX file.",
                 "examples:\n  medseg predict --model runs/brats2021_full --input /data/new_cases --out masks/\n"
@@ -521,6 +550,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. cuda:0,cuda:1")
     _rules_arg(c)
     c.set_defaults(func=_cmd_cv)
+
+    di = sub.add_parser("distill", help="train a light student per fold on a cv teacher's outputs")
+    di.add_argument("--teacher", required=True, metavar="RUN", help="the --out folder of a finished `medseg cv`")
+    di.add_argument("--out", required=True, metavar="RUN_STUDENT", help="the student's experiment folder")
+    di.add_argument("--student", default="mobilenet_unet3d",
+                    help="registry network of the student (default: mobilenet_unet3d)")
+    di.add_argument("--student-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="an argument of the student network (repeatable)")
+    di.add_argument("--weight", type=float, default=0.5,
+                    help="the teacher's share of each voxel's target (default 0.5: half labels, half teacher)")
+    di.add_argument("--teacher-tta", action="store_true", help="the teacher predicts with mirror TTA")
+    di.add_argument("--datalist", help="default: the teacher's")
+    di.add_argument("--data-root", help="default: the teacher's")
+    di.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a value of the student's config (the teacher's recipe), e.g. "
+                    "--set train.epochs=60")
+    di.add_argument("--fold", type=int, action="append", help="run only this fold (repeatable)")
+    di.add_argument("--no-final", action="store_true", help="skip the final student trained on every case")
+    di.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    _rules_arg(di)
+    di.set_defaults(func=_cmd_distill)
 
     pr = sub.add_parser("predict", help="masks on each input's own grid from 1..K checkpoints")
     pr.add_argument("--model", nargs="+", required=True, metavar="RUN_OR_CHECKPOINT",

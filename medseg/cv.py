@@ -262,7 +262,7 @@ def run_cv(cfg: dict, datalist: str | Path, data_root: str | Path, out_dir: str 
                               print_fn=print_fn, rules=rules)
     write_rows(rows, out_dir / "cv_metrics.csv")
     summary = {
-        "datalist": str(datalist), "folds": todo, "num_folds": k_total,
+        "datalist": str(datalist), "data_root": str(Path(data_root).resolve()), "folds": todo, "num_folds": k_total,
         "cases": len({r["case"] for r in rows}),
         "checkpoint": "final (out-of-fold cases never choose the checkpoint)",
         "rules": rules, "metric_conventions": rule_set.description,

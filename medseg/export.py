@@ -163,9 +163,13 @@ def _agreement(a: np.ndarray, b: np.ndarray, min_voxels: int = 100) -> float:
 
 
 def _cv_scores(model_dir: Path | None) -> dict | None:
-    if model_dir is None or not (model_dir / "cv_summary.json").is_file():
+    """The out-of-fold scores of a cv folder (``cv_summary.json``) or of the recipe that
+    trained a final distilled student (``oof_summary.json``, `medseg.distill`)."""
+    found = [model_dir / n for n in ("cv_summary.json", "oof_summary.json")] if model_dir is not None else []
+    found = [f for f in found if f.is_file()]
+    if not found:
         return None
-    s = json.loads((model_dir / "cv_summary.json").read_text())
+    s = json.loads(found[0].read_text())
     # Scores mean nothing without their rule set: each region names it (a summary
     # without "rules" predates rule sets and was scored under brats21).
     rules = s.get("rules", "brats21")
@@ -226,6 +230,10 @@ def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
                                  "accepted only when modality_dropout > 0",
         "opset": opset, "precision": precision, "cv_scores": _cv_scores(model_dir),
         "uncertainty": _review_calibration(model_dir),
+        # a distilled student says so: its teacher (run, folds, checkpoint checksums, network,
+        # out-of-fold scores) and the target blend it learnt (`medseg distill`); None otherwise
+        "student": ({k: v for k, v in meta["distill"].items() if k != "outputs"}
+                    if meta.get("distill") else None),
     }
     if precision not in TOLERANCE:
         raise MedsegError(f"precision {precision!r}; expected one of {', '.join(TOLERANCE)}")

@@ -54,13 +54,14 @@ from medseg.losses import build_loss, check_loss, log_inverse_weights
 from medseg.metrics import score_case
 from medseg.models import missing_channels, network_from_spec, size_divisor, unet3d_outputs
 from medseg.scoring import DEFAULT_RULES, get_rules
-from medseg.transforms import IMAGE, LABEL, patch_augmentation, preprocessing
+from medseg.teacher import SoftTargets, check_distill, check_split, ensure_targets, open_teacher, targets_dir
+from medseg.transforms import IMAGE, LABEL, SOFT, patch_augmentation, preprocessing
 
 __all__ = ["FoldData", "fold_data", "train_fold", "lr_factor", "CHECKPOINT_DIR", "build_network",
            "build_criterion", "class_weights", "build_transforms", "build_optimizer", "deep_supervised", "DATA_CACHE",
            "modality_dropout", "modality_dropout_weight", "scale_dropped_gradient", "input_subsets",
            "initial_weights", "augment_on_device", "loader_workers",
-           "prepare_store", "store_root", "DEFAULT_STORE"]
+           "prepare_store", "store_root", "DEFAULT_STORE", "distilling", "soft_targets"]
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -277,7 +278,7 @@ def build_transforms(cfg: dict, channels, convention: str, training: bool = True
     (`medseg.data.patches.PatchDataset` picks it, tumour over-sampled
     ``train.pos_neg``), ``image`` `(4, *patch)` and ``label`` `(1, *patch)` label map."""
     if training:
-        return patch_augmentation(modality_dropout(cfg))
+        return patch_augmentation(modality_dropout(cfg), soft=distilling(cfg))
     return preprocessing(channels, convention, pipeline_spec(cfg, convention))
 
 
@@ -504,14 +505,48 @@ def check_data_cache(cfg: dict) -> None:
 
 
 def _datasets(data: FoldData, cfg: dict, store_dir: Path, print_fn=print, share=(0, 1),
-              timeout_s: float | None = None, on_device: bool = False):
+              timeout_s: float | None = None, on_device: bool = False, fold: int | None = None,
+              device: torch.device | None = None):
     """(patch dataset of the training cases, volume dataset of the validation cases),
-    both read from the experiment's preprocessed dataset."""
+    both read from the experiment's preprocessed dataset; with ``train.distill`` the
+    patches carry the teacher's outputs (`soft_targets`)."""
     store = prepare_store(cfg, data, store_dir, print_fn, share, timeout_s)
     aug = build_transforms(cfg, data.channels, data.convention, training=True)
-    train_ds = PatchDataset(store, [c["id"] for c in data.train], cfg["train"]["patch"],
-                            *cfg["train"]["pos_neg"], aug, augment=not on_device)
+    train_ids = [c["id"] for c in data.train]
+    soft, teacher = soft_targets(cfg, data, store, store_dir, fold, device, print_fn, share)
+    train_ds = PatchDataset(store, train_ids, cfg["train"]["patch"],
+                            *cfg["train"]["pos_neg"], aug, augment=not on_device, soft=soft)
+    train_ds.teacher = teacher
     return train_ds, VolumeDataset(store, [c["id"] for c in data.val])
+
+
+def distilling(cfg: dict) -> bool:
+    """Whether the run learns from a teacher (``train.distill.teacher`` set)."""
+    return check_distill(cfg["train"]["distill"])["teacher"] is not None
+
+
+def soft_targets(cfg: dict, data: FoldData, store: Store, store_dir: Path, fold: int | None,
+                 device: torch.device | None = None, print_fn=print, share=(0, 1)):
+    """(`SoftTargets` of fold `fold`'s training cases, the teacher's record for the
+    checkpoint), or (None, None) without ``train.distill.teacher``. Teacher fold k
+    for fold k, after checking both hold out the same cases; the outputs are
+    computed once (by rank 0 under torchrun) and stored beside the store."""
+    spec = check_distill(cfg["train"]["distill"])
+    if spec["teacher"] is None:
+        return None, None
+    teacher = open_teacher(spec["teacher"])
+    train_ids = [c["id"] for c in data.train]
+    check_split(teacher, fold, train_ids, [c["id"] for c in data.val])
+    root = Path(store_dir)
+    if share[0] == 0:
+        folder = ensure_targets(root, teacher, fold, store, train_ids, spec["teacher_tta"],
+                                str(device) if device is not None else None, print_fn)
+    if share[1] > 1:
+        dist.barrier()
+    folder = targets_dir(root, teacher, fold, store, spec["teacher_tta"])
+    record = {"weight": float(spec["weight"]), "teacher_tta": spec["teacher_tta"], "outputs": str(folder),
+              **teacher.describe(fold)}
+    return SoftTargets(folder, train_ids, spec["weight"]), record
 
 
 def _check_patch(cfg: dict) -> None:
@@ -543,7 +578,9 @@ def _train_epoch(model, loader, loss_fn, opt, sched, cfg, device, deep_sup, bar,
         x = torch.as_tensor(batch[IMAGE]).to(device, non_blocking=cuda)
         y = torch.as_tensor(batch[LABEL]).to(device, non_blocking=cuda)
         if augmenter is not None:
-            x, y = augmenter.batch(x, y, batch["seed"])
+            soft = batch.get(SOFT)
+            x, y = augmenter.batch(x, y, batch["seed"],
+                                   None if soft is None else torch.as_tensor(soft).to(device, non_blocking=cuda))
         if tcfg["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with autocast(device, tcfg["amp"], tcfg["amp_dtype"]):
@@ -651,6 +688,9 @@ def _start(cfg: dict, out_dir: Path, device: str | None, distributed: bool | Non
     modality_dropout(cfg)
     modality_dropout_weight(cfg)
     check_loss(cfg["train"]["loss"])
+    if distilling(cfg) and cfg["train"]["loss"]["class_weights"] != "none":
+        raise MedsegError("train.loss.class_weights with train.distill: class weights count binary region "
+                          "labels, and a distilled target is soft; set train.loss.class_weights=none")
     if cfg["train"]["grad_checkpoint"] and cfg["model"]["name"] != "unet3d":
         raise MedsegError(f"train.grad_checkpoint=true: supported for unet3d, not {cfg['model']['name']}; "
                           "set train.grad_checkpoint=false")
@@ -666,12 +706,13 @@ def _start(cfg: dict, out_dir: Path, device: str | None, distributed: bool | Non
     return _Run(dev, dd, log, cfg, _amp_dtype(cfg, dev, log), data, out_dir, int(cfg["seed"]))
 
 
-def _loader(run: _Run, cache_dir, on_device: bool):
+def _loader(run: _Run, cache_dir, on_device: bool, fold: int | None = None):
     """(epoch sampler, the run's one DataLoader, validation dataset, device augmenter)."""
     tcfg = run.run_cfg["train"]
     _seed_all(run.seed)
     train_ds, val_ds = _datasets(run.data, run.cfg, store_root(run.out_dir, cache_dir), run.log,
-                                 (run.dd.rank, run.dd.world), ddp_timeout_s(run.cfg), on_device)
+                                 (run.dd.rank, run.dd.world), ddp_timeout_s(run.cfg), on_device,
+                                 fold, run.dev)
     workers = loader_workers(run.cfg, run.dd.world)
     # One loader for the run: workers persist across epochs; each sample's seed
     # (from the sampler) fixes its patch and augmentation, whichever worker makes it.
@@ -834,7 +875,7 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
     run = _start(cfg, Path(out_dir), device, distributed, resume, datalist, data_root, fold, print_fn)
     tcfg, dd = run.run_cfg["train"], run.dd
     on_device = augment_on_device(cfg, run.dev)
-    sampler, loader, val_ds, augmenter = _loader(run, cache_dir, on_device)
+    sampler, loader, val_ds, augmenter = _loader(run, cache_dir, on_device, fold)
     model, train_model = _model(run, resume, fold)
     weights = class_weights(cfg, loader.dataset.store, loader.dataset.case_ids)
     if weights:
@@ -845,6 +886,10 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
              "scaler": scaler, "sampler": sampler, "loader": loader, "augmenter": augmenter}
     meta = _checkpoint_meta(run, fold)
     meta["loss"] = dict(cfg["train"]["loss"], class_weights_applied=weights["classes"] if weights else None)
+    if loader.dataset.teacher is not None:
+        meta["distill"] = loader.dataset.teacher
+        run.log(f"distilling from {meta['distill']['run']} fold(s) {meta['distill']['folds']}: target = "
+                f"{1 - meta['distill']['weight']:.2f} x labels + {meta['distill']['weight']:.2f} x teacher")
     start, history, best = _resume(run, model, opt, sched, scaler) if resume else (0, [], -1.0)
     if dd.main:
         write_json(cfg, run.out_dir / "config.json")

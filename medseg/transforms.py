@@ -25,11 +25,13 @@ from medseg.data.io import load_array
 from medseg.labels import CHANNELS, labels_to_regions
 from medseg.pipeline import PipelineSpec, preprocess, read_case
 
-__all__ = ["IMAGE", "LABEL", "MISSING_FILL", "PreprocessCased",
+__all__ = ["IMAGE", "LABEL", "SOFT", "MISSING_FILL", "PreprocessCased",
            "RandModalityDropoutd", "LabelsToRegionsd", "RandRotateZoomd",
            "RandFlipAxesd", "RandScaleShiftd", "RandGammad", "RandNoised", "preprocessing", "patch_augmentation"]
 
 IMAGE, LABEL = "image", "label"
+#: A teacher's probabilities beside a training patch (distillation, `medseg.teacher`).
+SOFT = "soft"
 
 # LoadImaged registers every MONAI reader; with pydicom installed (DICOM input),
 # MONAI's GPU DICOM decoder plugin then reports at each load that nvImageCodec is
@@ -318,7 +320,7 @@ class RandNoised(RandomizableTransform, MapTransform):
         return d
 
 
-def patch_augmentation(modality_dropout: float = 0.0) -> Compose:
+def patch_augmentation(modality_dropout: float = 0.0, soft: bool = False) -> Compose:
     """Training augmentation of a patch cut from a preprocessed case
     (`medseg.data.patches`): ``image`` `(4, *patch)` and ``label`` the `(1, *patch)`
     label map (regions are made after, from the moved labels). The probabilities and
@@ -328,11 +330,16 @@ def patch_augmentation(modality_dropout: float = 0.0) -> Compose:
     0.05), made cheaper per 128³ sample: rotation and zoom in one resampling
     (`RandRotateZoomd`), the three flips in one copy (`RandFlipAxesd`), intensity
     scale and shift in one pass (`RandScaleShiftd`), gamma and noise in float32
-    (`RandGammad`, `RandNoised`); then modality dropout."""
-    keys = [IMAGE, LABEL]
+    (`RandGammad`, `RandNoised`); then modality dropout. With `soft`, a third key
+    ``soft`` (a teacher's `(3, *patch)` probabilities, distillation) moves with the
+    image and label (bilinear, the same draws: the random stream does not depend
+    on the keys) and takes no intensity change."""
+    keys = [IMAGE, LABEL] + ([SOFT] if soft else [])
+    modes = ("bilinear", "nearest") + (("bilinear",) if soft else ())
     dropout = [RandModalityDropoutd(IMAGE, modality_dropout)] if modality_dropout > 0 else []
     return Compose([
-        RandRotateZoomd(keys, prob_rotate=0.2, max_angle=0.26, prob_zoom=0.2, zoom_range=(0.85, 1.15)),
+        RandRotateZoomd(keys, prob_rotate=0.2, max_angle=0.26, prob_zoom=0.2, zoom_range=(0.85, 1.15),
+                        mode=modes),
         RandFlipAxesd(keys, prob=0.5),
         RandScaleShiftd(IMAGE, factors=0.1, prob_scale=0.5, offsets=0.1, prob_shift=0.5),
         RandGammad(IMAGE, gamma=(0.7, 1.5), prob=0.3),

@@ -25,9 +25,10 @@ LAYERS = {
     "raw": 1.2, "raw.qc": 1.5, "raw.run": 2.5,
     "engine": 1.8,                  # the predictor interface both engines implement (torch-free)
     "infer": 2,
+    "teacher": 2.5,                 # a teacher's stored outputs for distillation (runs infer)
     "train": 3, "evaluate": 3, "predict": 3, "export": 3, "edge": 2,
     "report": 4,                    # uses evaluate
-    "cv": 4, "bundle": 4,
+    "cv": 4, "bundle": 4, "distill": 4.5,
     "demo": 5,                      # the README demo drives cv
     "cli": 6, "__main__": 7,
 }

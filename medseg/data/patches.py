@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, Sampler
 
 from medseg.data.preprocessed import Store
 from medseg.labels import labels_to_regions
-from medseg.transforms import IMAGE, LABEL
+from medseg.transforms import IMAGE, LABEL, SOFT
 
 __all__ = ["Augmenter", "PatchDataset", "VolumeDataset", "EpochSampler", "patch_window", "sample_seed"]
 
@@ -66,8 +66,10 @@ class Augmenter:
     the GPU resamples and perturbs it in milliseconds). The sample's seed fixes
     every draw, so both places give the same augmentation (the same numbers on CPU)."""
 
-    def __init__(self, augmentation: Compose | None, convention: str):
+    def __init__(self, augmentation: Compose | None, convention: str, soft_weight: float = 0.0):
         self.augmentation = augmentation
+        #: Distillation: the target is (1 - w) · regions + w · the teacher's probabilities.
+        self.soft_weight = float(soft_weight)
         # label value → its TC/WT/ET membership (labels_to_regions as a lookup table)
         self.lut = np.ascontiguousarray(labels_to_regions(np.arange(256), convention).astype(np.float32))  # (3, 256)
         self._lut_dev: dict[str, torch.Tensor] = {}
@@ -82,10 +84,15 @@ class Augmenter:
             self._lut_dev[key] = torch.as_tensor(np.ascontiguousarray(self.lut.T), device=label.device)
         return self._lut_dev[key][label.long()].permute(3, 0, 1, 2)
 
-    def one(self, image: torch.Tensor, label: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """image (4, *patch) (any float type), label (1, *patch) uint8 → augmented image
-        float32, regions float32."""
+    def one(self, image: torch.Tensor, label: torch.Tensor, seed: int, soft: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """image (4, *patch) (any float type), label (1, *patch) uint8 [, soft (3, *patch)
+        teacher probabilities] → augmented image float32, target float32: the regions,
+        or with `soft` the regions blended with the teacher's probabilities (moved with
+        the image by the same draws)."""
         d = {IMAGE: image.float(), LABEL: label}
+        if soft is not None:
+            d[SOFT] = soft.float()
         if self.augmentation is not None:
             self.augmentation.set_random_state(seed=int(seed) % 2**32)
             track = get_track_meta()
@@ -94,13 +101,18 @@ class Augmenter:
                 d = self.augmentation(d)
             finally:
                 set_track_meta(track)
-        return torch.as_tensor(d[IMAGE]).float().contiguous(), self.regions(torch.as_tensor(d[LABEL])[0])
+        regions = self.regions(torch.as_tensor(d[LABEL])[0])
+        if soft is not None:
+            w = self.soft_weight
+            regions = (1.0 - w) * regions.to(d[SOFT].device) + w * torch.as_tensor(d[SOFT]).float().clamp(0, 1)
+        return torch.as_tensor(d[IMAGE]).float().contiguous(), regions.contiguous()
 
-    def batch(self, image: torch.Tensor, label: torch.Tensor, seeds: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, image: torch.Tensor, label: torch.Tensor, seeds: torch.Tensor,
+              soft: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch of raw patches from `PatchDataset(..., augment=False)`, already on
-        the device → (B, 4, *patch) float32 images, (B, 3, *patch) float32 regions."""
-        out = [self.one(image[b], label[b], int(seeds[b])) for b in range(image.shape[0])]
+        the device → (B, 4, *patch) float32 images, (B, 3, *patch) float32 targets."""
+        out = [self.one(image[b], label[b], int(seeds[b]), None if soft is None else soft[b])
+               for b in range(image.shape[0])]
         return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out]).contiguous()
 
 
@@ -112,11 +124,13 @@ class PatchDataset(Dataset):
     "seed": the sample's seed} for `Augmenter.batch` on the training device."""
 
     def __init__(self, store: Store, case_ids: Sequence[str], patch: Sequence[int], pos: float, neg: float,
-                 augmentation: Compose | None, augment: bool = True):
+                 augmentation: Compose | None, augment: bool = True, soft=None):
         self.store, self.case_ids = store, list(case_ids)
         self.patch = tuple(int(p) for p in patch)
         self.p_pos = pos / (pos + neg) if pos + neg > 0 else 0.0
-        self.augmenter = Augmenter(augmentation, store.convention)
+        #: `medseg.teacher.SoftTargets` (distillation) or None.
+        self.soft = soft
+        self.augmenter = Augmenter(augmentation, store.convention, soft.weight if soft is not None else 0.0)
         self.augment = augment
 
     def __len__(self) -> int:
@@ -140,6 +154,11 @@ class PatchDataset(Dataset):
 
     def read(self, i: int, seed: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         """The patch (image in `dtype`, None: as stored; label map uint8) before augmentation."""
+        img, lab, _ = self._read(i, seed, dtype)
+        return img, lab
+
+    def _read(self, i: int, seed: int, dtype=np.float32):
+        """`read` plus the teacher's (3, *patch) probabilities (float16) or None."""
         case_id = self.case_ids[i]
         rng = np.random.default_rng(seed)
         image, label = self.store.image(case_id), self.store.label(case_id)
@@ -148,17 +167,27 @@ class PatchDataset(Dataset):
         lab = np.zeros(self.patch, np.uint8)
         img[(slice(None), *dst)] = image[(slice(None), *src)]
         lab[dst] = label[src]
+        soft = None
+        if self.soft is not None:
+            probs = self.soft.read(case_id)
+            soft = np.zeros((probs.shape[0], *self.patch), probs.dtype)
+            soft[(slice(None), *dst)] = probs[(slice(None), *src)]
+            del probs
         del image, label            # unmap: only this patch was read
-        return img, lab
+        return img, lab, soft
 
     def __getitem__(self, key) -> dict:
         i, seed = key
         if not self.augment:        # half the bytes to the training process and the device
-            img, lab = self.read(i, seed, dtype=None)
-            return {IMAGE: torch.from_numpy(img), LABEL: torch.from_numpy(lab[None]),
-                    "seed": torch.tensor(seed, dtype=torch.int64)}
-        img, lab = self.read(i, seed)
-        image, regions = self.augmenter.one(torch.from_numpy(img), torch.from_numpy(lab[None]), seed)
+            img, lab, soft = self._read(i, seed, dtype=None)
+            out = {IMAGE: torch.from_numpy(img), LABEL: torch.from_numpy(lab[None]),
+                   "seed": torch.tensor(seed, dtype=torch.int64)}
+            if soft is not None:
+                out[SOFT] = torch.from_numpy(soft)
+            return out
+        img, lab, soft = self._read(i, seed)
+        image, regions = self.augmenter.one(torch.from_numpy(img), torch.from_numpy(lab[None]), seed,
+                                            None if soft is None else torch.from_numpy(soft))
         return {IMAGE: image, LABEL: regions}
 
 
