@@ -9,6 +9,8 @@ preset: ``full`` (32…320 filters, nnU-Net's size, the GPU recipe) or ``cpu``
 instance norm also takes a FiLM modulation driven by which input channels are
 missing (`MissingAwareDynUNet`), for models trained with modality dropout.
 `deeplabv3plus` is a 3D DeepLabv3+ (output stride 8, ASPP, stride-4 decoder; `medseg.deeplab`).
+`mobilenet_unet3d` is a MobileNetV3-style U-Net (depthwise inverted residuals, SE; `medseg.light`).
+`thin_unet3d` is a plain U-Net with thin levels (8…96 filters), a fast CPU student (`medseg.light`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from medseg.deeplab import DeepLabV3Plus3D
 from medseg.errors import MedsegError
 from medseg.labels import CHANNELS, REGIONS
+from medseg.light import MOBILENET_CHANNELS, THIN_CHANNELS, light_size_divisor, mobilenet_unet3d, thin_unet3d
 
 __all__ = ["UNET3D_FILTERS", "MODELS", "FiLMInstanceNorm3d", "MissingAwareDynUNet", "missing_channels",
            "build_model", "network_from_spec", "size_divisor", "unet3d_outputs"]
@@ -165,6 +168,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "swinunetr": _swinunetr,
     "attention_unet": _attention_unet,
     "deeplabv3plus": _deeplabv3plus,
+    "mobilenet_unet3d": mobilenet_unet3d,
+    "thin_unet3d": thin_unet3d,
 }
 
 
@@ -174,8 +179,8 @@ def build_model(name: str = "unet3d", **kwargs) -> nn.Module:
         raise MedsegError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
     try:
         return MODELS[name](**kwargs)
-    except TypeError as exc:
-        raise MedsegError(f"model {name!r}: bad arguments {sorted(kwargs)} ({exc})") from None
+    except (TypeError, ValueError) as exc:
+        raise MedsegError(f"model {name!r}: bad arguments {kwargs} ({exc})") from None
 
 
 def network_from_spec(spec: dict, deep_supervision: bool = False) -> nn.Module:
@@ -198,4 +203,8 @@ def size_divisor(name: str = "unet3d", **kwargs) -> int:
         return 8     # blocks_down (1, 2, 2, 4): 3 downsamplings
     if name == "deeplabv3plus":
         return 8     # output stride 8: 3 stride-2 stages, then dilation
+    if name == "mobilenet_unet3d":
+        return light_size_divisor(kwargs.get("channels") or MOBILENET_CHANNELS)   # default 16
+    if name == "thin_unet3d":
+        return light_size_divisor(kwargs.get("channels") or THIN_CHANNELS)        # default 16
     return 32        # swinunetr: patch embedding 2 × 4 patch merges

@@ -12,6 +12,7 @@ LAYERS = {
     "pipeline": 0.7,                # the pipeline spec and the one implementation of every step
     "data": 1, "transforms": 1, "models": 1, "losses": 1, "metrics": 1, "postprocess": 1,
     "deeplab": 0.9,                 # a registry network, imported by models
+    "light": 0.9,                   # the light student networks, imported by models
     "grad_checkpoint": 1,           # training-time wrapping of a network's blocks
     "crf": 1,                       # dense-CRF post-processing (numpy), used by the engines
     "scoring": 1,                   # rule sets as data; metrics interprets them without importing

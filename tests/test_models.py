@@ -6,7 +6,8 @@ from medseg.models import MODELS, UNET3D_FILTERS, build_model, size_divisor
 
 SMALL = {"unet3d": {"preset": "cpu"}, "segresnet": {"init_filters": 8},
          "swinunetr": {"feature_size": 12}, "attention_unet": {"channels": (8, 16, 32)},
-         "deeplabv3plus": {"channels": (8, 16, 32, 64)}}
+         "deeplabv3plus": {"channels": (8, 16, 32, 64)},
+         "mobilenet_unet3d": {}, "thin_unet3d": {}}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
