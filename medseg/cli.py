@@ -323,7 +323,7 @@ def _cmd_export(a) -> int:
     model_dir = Path(a.model[0]) if len(a.model) == 1 and Path(a.model[0]).is_dir() else None
     et_min = a.et_min_ml if a.et_min_ml is not None else default_postprocessing(a.model).get("et_min_ml", 0.0)
     export_onnx(ckpts, a.out, a.opset, model_dir, et_min, a.min_component_ml, precision=a.precision,
-                calibration=a.calibration, print_fn=_say)
+                calibration=a.calibration, overlap=a.overlap, print_fn=_say)
     print(f"wrote {a.out}: {len(ckpts)} fold(s) in one graph, opset {a.opset}, {a.precision}")
     return 0
 
@@ -691,6 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--min-component-ml", type=float, default=0.0,
                     help="post-processing stored in the metadata: components smaller than this "
                     "(mL) are removed from each region (default: 0)")
+    ex.add_argument("--overlap", type=float,
+                    help="sliding-window overlap stored in the model's spec (default: the value chosen by "
+                    "benchmarks/student_inference.py when the model folder holds inference_choice.json, "
+                    "else the checkpoint's)")
     ex.set_defaults(func=_cmd_export)
 
     rp = sub.add_parser("report", help="PNG overlays and an HTML page for quality control")

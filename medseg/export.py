@@ -178,6 +178,20 @@ def _cv_scores(model_dir: Path | None) -> dict | None:
                                    if m in s["overall"][r]}} for r in REGIONS}
 
 
+#: Written by benchmarks/student_inference.py: the cheapest overlap / TTA that keeps the accuracy.
+INFERENCE_CHOICE = "inference_choice.json"
+
+
+def _inference_choice(model_dir: Path | None) -> dict | None:
+    if model_dir is None or not (model_dir / INFERENCE_CHOICE).is_file():
+        return None
+    choice = json.loads((model_dir / INFERENCE_CHOICE).read_text())
+    if not isinstance(choice, dict) or not 0 <= float(choice.get("overlap", -1)) < 1:
+        raise MedsegError(f"{model_dir / INFERENCE_CHOICE}: expected {{'overlap': 0..1, ...}} as "
+                          "benchmarks/student_inference.py writes it; remove the file or run it again")
+    return choice
+
+
 def _review_calibration(model_dir: Path | None) -> dict | None:
     """The cv folder's review threshold (``uncertainty.json``), for `predict --uncertainty`."""
     if model_dir is None or not (model_dir / CALIBRATION).is_file():
@@ -189,8 +203,12 @@ def _review_calibration(model_dir: Path | None) -> dict | None:
 def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
                 model_dir: Path | None = None, et_min_ml: float = 0.0, min_component_ml: float = 0.0,
                 verify: bool = True, precision: str = "fp32",
-                calibration: str | Path | None = None, print_fn=print) -> dict:
-    """Export the fold ensemble of `checkpoints` to `out`; returns the verification report."""
+                calibration: str | Path | None = None, overlap: float | None = None,
+                print_fn=print) -> dict:
+    """Export the fold ensemble of `checkpoints` to `out`; returns the verification report.
+    `overlap`: the sliding-window overlap of the exported spec (default: the one chosen in
+    `model_dir`'s ``inference_choice.json``, `benchmarks/student_inference.py`, else the
+    checkpoint's)."""
     out = Path(out)
     loaded = [load_model(p, "cpu") for p in checkpoints]
     models = [m.float().eval() for m, _ in loaded]
@@ -199,7 +217,12 @@ def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
     if problem:
         raise MedsegError(problem)
     meta = metas[0]
-    spec = PipelineSpec.from_dict(meta["pipeline"]).replace(min_component_ml=min_component_ml, et_min_ml=et_min_ml)
+    choice = _inference_choice(model_dir)
+    if overlap is None and choice is not None:
+        overlap = float(choice["overlap"])
+        print_fn(f"window overlap {overlap} ({INFERENCE_CHOICE} in {model_dir}: {choice['chosen_on']})")
+    spec = PipelineSpec.from_dict(meta["pipeline"]).replace(min_component_ml=min_component_ml, et_min_ml=et_min_ml,
+                                                            overlap=overlap)
     net = LogitStack(models).eval()
     x = torch.from_numpy(verification_patch(meta))
     if float(meta.get("modality_dropout", 0.0)) > 0:
@@ -232,6 +255,8 @@ def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
         "uncertainty": _review_calibration(model_dir),
         # a distilled student says so: its teacher (run, folds, checkpoint checksums, network,
         # out-of-fold scores) and the target blend it learnt (`medseg distill`); None otherwise
+        # how the overlap (and whether mirror TTA pays) was chosen, with its measurements
+        "inference_choice": choice,
         "student": ({k: v for k, v in meta["distill"].items() if k != "outputs"}
                     if meta.get("distill") else None),
     }

@@ -187,3 +187,22 @@ def test_exported_student_says_it_is_a_student(distilled, tmp_path):
     assert set(info["student"]["checkpoints"]) == {"0", "1"}
     assert info["student"]["cv_scores"]["WT"]["dice"] is not None     # the teacher's
     assert info["cv_scores"]["WT"]["dice"] is not None                 # the student recipe's out-of-fold
+
+
+def test_export_takes_the_measured_inference_choice(distilled, tmp_path, capsys):
+    import onnx
+    out, _ = distilled
+    model = tmp_path / "final"
+    shutil.copytree(out / "final", model)
+    choice = {"overlap": 0.25, "tta": False, "tolerance": 0.005, "chosen_on": "8 out-of-fold cases", "measured": []}
+    (model / "inference_choice.json").write_text(json.dumps(choice))
+    target = tmp_path / "s.onnx"
+    assert main(["export", "--model", str(model), "--out", str(target)]) == 0
+    info = json.loads({p.key: p.value for p in onnx.load(str(target)).metadata_props}["medseg"])
+    assert info["pipeline"]["overlap"] == 0.25 and info["inference_choice"]["chosen_on"] == "8 out-of-fold cases"
+    assert main(["export", "--model", str(model), "--out", str(target), "--overlap", "0.5"]) == 0
+    info = json.loads({p.key: p.value for p in onnx.load(str(target)).metadata_props}["medseg"])
+    assert info["pipeline"]["overlap"] == 0.5
+    (model / "inference_choice.json").write_text(json.dumps({"overlap": 2}))
+    assert main(["export", "--model", str(model), "--out", str(target)]) == 2
+    assert "inference_choice.json" in capsys.readouterr().err
