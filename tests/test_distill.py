@@ -25,7 +25,9 @@ from medseg.data.patches import Augmenter
 
 from conftest import TINY_TRAIN, tiny_cv_run
 
-STUDENT = ["model.args.filters=[4,8,16]", "train.patch=[16,16,16]"]
+STUDENT = ["train.patch=[16,16,16]"]
+#: The student network of these tests: the registry's MobileNetV3-style U-Net, narrow.
+NET = ("mobilenet_unet3d", {"channels": [8, 16, 32]})
 
 
 def quiet(s):
@@ -45,7 +47,7 @@ def distilled(teacher, tmp_path_factory):
     """The student's cross-validation and final student, distilled from `teacher`."""
     run, _ = teacher
     out = tmp_path_factory.mktemp("student") / "student"
-    cfg = student_config(run, "unet3d", {"preset": "cpu", "filters": [4, 8, 16]}, 0.5, False, STUDENT)
+    cfg = student_config(run, *NET, 0.5, False, STUDENT)
     result = run_distill(run, out, cfg, print_fn=quiet)
     return out, result
 
@@ -131,15 +133,14 @@ def test_the_student_must_keep_the_teachers_split_and_grid(teacher, tmp_path):
     dl["training"][0]["fold"] = 1 - dl["training"][0]["fold"]
     other = tmp_path / "other_split.json"
     other.write_text(json.dumps(dl))
-    cfg = student_config(run, "unet3d", {"preset": "cpu", "filters": [4, 8, 16]}, 0.5, False, STUDENT)
+    cfg = student_config(run, *NET, 0.5, False, STUDENT)
     with pytest.raises(MedsegError, match="split differs from the teacher"):
         run_distill(run, tmp_path / "s1", cfg, datalist=other, data_root=root, final=False, print_fn=quiet)
-    cfg = student_config(run, "unet3d", {"preset": "cpu", "filters": [4, 8, 16]}, 0.5, False,
-                         STUDENT + ["data.spacing=[5,5,5]"])
+    cfg = student_config(run, *NET, 0.5, False, STUDENT + ["data.spacing=[5,5,5]"])
     with pytest.raises(MedsegError, match="preprocessing differs"):
         run_distill(run, tmp_path / "s2", cfg, final=False, print_fn=quiet)
     with pytest.raises(MedsegError, match="train.distill.weight"):
-        student_config(run, "unet3d", {"preset": "cpu"}, 1.5)
+        student_config(run, *NET, 1.5)
     with pytest.raises(MedsegError, match="not a folder"):
         open_teacher(tmp_path / "nowhere")
 
@@ -177,11 +178,26 @@ def test_soft_targets_move_with_the_image_and_blend_with_the_labels():
         assert rest.min() >= -1e-6 and rest.max() <= 0.1 + 1e-6 and np.mean(np.abs(rest - 0.1) < 1e-4) > 0.5
 
 
-def test_exported_student_says_it_is_a_student(distilled, tmp_path):
+def test_exported_student_says_it_is_a_student_and_runs_without_torch(distilled, teacher, tmp_path):
+    import subprocess
+    import sys
+
+    import nibabel as nib
     import onnx
+    from test_export import _BLOCK, REPO
     out, _ = distilled
     target = tmp_path / "student.onnx"
+    # fp32: an INT8 copy of a student trained for 4 steps fails export's own agreement check (as it should)
     assert main(["export", "--model", str(out / "final"), "--out", str(target)]) == 0
+    masks = tmp_path / "masks"
+    res = subprocess.run([sys.executable, "-c", _BLOCK, "predict", "--engine", "onnx", "--model", str(target),
+                          "--input", str(teacher[1]), "--out", str(masks)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "IMPORTED []" in res.stdout
+    assert len(list(masks.glob("*.nii.gz"))) == 6
+    first = sorted(masks.glob("*.nii.gz"))[0]
+    assert nib.load(first).shape == nib.load(sorted((teacher[1] / first.name.split(".")[0]).glob("*t1n*"))[0]).shape
     info = json.loads({p.key: p.value for p in onnx.load(str(target)).metadata_props}["medseg"])
     assert info["student"]["weight"] == 0.5 and info["student"]["folds"] == [0, 1]
     assert set(info["student"]["checkpoints"]) == {"0", "1"}
