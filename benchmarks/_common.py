@@ -163,3 +163,24 @@ def monai_transforms(channels, convention: str, spacing, patch, training: bool =
                   RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
                   RandGaussianNoised("image", std=0.05, prob=0.15)]
     return Compose(steps)
+
+
+def cv_cases(folder: Path) -> dict[str, dict[str, dict]]:
+    """A cross-validation's ``cv_metrics.csv`` → {case: {region: row}}."""
+    from medseg.evaluate import read_rows
+    out: dict[str, dict[str, dict]] = {}
+    for r in read_rows(Path(folder) / "cv_metrics.csv"):
+        out.setdefault(r["case"], {})[r["region"]] = r
+    return out
+
+
+def paired_interval(diff) -> tuple[float, float]:
+    """95 % BCa bootstrap interval (scipy, 10 000 resamples, seeded) of the mean of
+    paired case-level differences."""
+    import numpy as np
+    from scipy.stats import bootstrap
+    diff = np.asarray(diff, dtype=float)
+    if len(diff) < 2 or np.allclose(diff, diff[0]):
+        return float(diff.mean()), float(diff.mean())
+    ci = bootstrap((diff,), np.mean, confidence_level=0.95, n_resamples=10000, random_state=0).confidence_interval
+    return float(ci.low), float(ci.high)

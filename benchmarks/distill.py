@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import cv_cases, paired_interval  # noqa: E402 (benchmarks/ is the script's folder)
+
 REPO = Path(__file__).resolve().parents[1]
 REGIONS = ("TC", "WT", "ET")
 ARMS = ("teacher", "student_kd", "student_plain")
@@ -66,21 +68,6 @@ def run_arms(a) -> dict:
     return seconds
 
 
-def _cases(folder: Path) -> dict[str, dict[str, dict]]:
-    from medseg.evaluate import read_rows
-    out: dict[str, dict[str, dict]] = {}
-    for r in read_rows(folder / "cv_metrics.csv"):
-        out.setdefault(r["case"], {})[r["region"]] = r
-    return out
-
-
-def _interval(diff: np.ndarray) -> tuple[float, float]:
-    """95 % BCa bootstrap interval of the mean paired difference."""
-    from scipy.stats import bootstrap
-    if len(diff) < 2 or np.allclose(diff, diff[0]):
-        return float(diff.mean()), float(diff.mean())
-    ci = bootstrap((diff,), np.mean, confidence_level=0.95, n_resamples=10000, random_state=0).confidence_interval
-    return float(ci.low), float(ci.high)
 
 
 def _train_stats(folder: Path) -> tuple[float | None, float]:
@@ -102,7 +89,7 @@ def _mean_dice(case: dict) -> float:
 
 def summarise(a) -> dict:
     out = Path(a.out)
-    found = {arm: _cases(out / arm) for arm in ARMS if (out / arm / "cv_metrics.csv").exists()}
+    found = {arm: cv_cases(out / arm) for arm in ARMS if (out / arm / "cv_metrics.csv").exists()}
     result: dict = {"arms": {}, "paired": {}}
     for arm, cases in found.items():
         e = {"cases": len(cases)}
@@ -121,9 +108,9 @@ def summarise(a) -> dict:
                 d = np.array([float(found["student_kd"][c][r]["dice"]) - float(found[other][c][r]["dice"])
                               for c in common])
                 d = d[~np.isnan(d)]
-                per_region[r] = {"delta": float(d.mean()), "ci95": list(_interval(d))}
+                per_region[r] = {"delta": float(d.mean()), "ci95": list(paired_interval(d))}
             result["paired"][f"student_kd - {other}"] = {
-                "cases": len(common), "delta_mean_dice": float(diff.mean()), "ci95": list(_interval(diff)),
+                "cases": len(common), "delta_mean_dice": float(diff.mean()), "ci95": list(paired_interval(diff)),
                 "per_region": per_region}
     return result
 

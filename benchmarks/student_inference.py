@@ -29,15 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import paired_interval  # noqa: E402 (benchmarks/ is the script's folder)
+
 REGIONS = ("TC", "WT", "ET")
 
-
-def _interval(diff: np.ndarray) -> tuple[float, float]:
-    from scipy.stats import bootstrap
-    if len(diff) < 2 or np.allclose(diff, diff[0]):
-        return float(diff.mean()), float(diff.mean())
-    ci = bootstrap((diff,), np.mean, confidence_level=0.95, n_resamples=10000, random_state=0).confidence_interval
-    return float(ci.low), float(ci.high)
 
 
 def measure(run: Path, overlap: float, tta: bool, datalist: str, data_root: str, rules: str) -> dict:
@@ -88,7 +83,7 @@ def main() -> None:
         common = sorted(set(r["cases"]) & set(best["cases"]))
         diff = np.array([np.nanmean(list(r["cases"][c].values())) - np.nanmean(list(best["cases"][c].values()))
                          for c in common])
-        r["delta_vs_best"], r["ci95"] = float(diff.mean()), list(_interval(diff))
+        r["delta_vs_best"], r["ci95"] = float(diff.mean()), list(paired_interval(diff))
     ok = [r for r in rows if r["dice_mean"] >= best["dice_mean"] - a.tolerance]
     choice = min(ok, key=lambda r: r["s_per_case"])
     lines = ["| overlap | TTA | Dice TC | Dice WT | Dice ET | mean Dice | Δ vs best [95 % CI] | s / case |",

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import cv_cases, paired_interval  # noqa: E402 (benchmarks/ is the script's folder)
+
 REPO = Path(__file__).resolve().parents[1]
 
 #: Row → `--set` overrides of the cpu preset.
@@ -116,22 +118,6 @@ def _crf_row(a, params: dict) -> float:
     return time.perf_counter() - t0
 
 
-def _cases(folder: Path) -> dict[str, dict[str, dict]]:
-    """cv_metrics.csv → {case: {region: row}}."""
-    from medseg.evaluate import read_rows
-    out: dict[str, dict[str, dict]] = {}
-    for r in read_rows(folder / "cv_metrics.csv"):
-        out.setdefault(r["case"], {})[r["region"]] = r
-    return out
-
-
-def _interval(diff: np.ndarray) -> tuple[float, float]:
-    """95 % BCa bootstrap interval of the mean paired difference (scipy)."""
-    from scipy.stats import bootstrap
-    if len(diff) < 2 or np.allclose(diff, diff[0]):
-        return float(diff.mean()), float(diff.mean())
-    ci = bootstrap((diff,), np.mean, confidence_level=0.95, n_resamples=10000, random_state=0).confidence_interval
-    return float(ci.low), float(ci.high)
 
 
 def _train_stats(folder: Path) -> tuple[float | None, float | None]:
@@ -153,13 +139,13 @@ def _train_stats(folder: Path) -> tuple[float | None, float | None]:
 
 
 def summarise(a) -> dict:
-    base = _cases(Path(a.out) / "default")
+    base = cv_cases(Path(a.out) / "default")
     result = {}
     for row in a.rows:
         folder = Path(a.out) / row
         if not (folder / "cv_metrics.csv").exists():
             continue
-        cases = _cases(folder)
+        cases = cv_cases(folder)
         common = sorted(set(cases) & set(base))
         entry = {"cases": len(cases), "paired_cases": len(common)}
         for reg in REGIONS:
@@ -168,7 +154,7 @@ def summarise(a) -> dict:
             diff = np.array([float(cases[c][reg]["dice"]) - float(base[c][reg]["dice"]) for c in common])
             diff = diff[~np.isnan(diff)]
             entry[f"delta_{reg}"] = float(diff.mean()) if len(diff) else float("nan")
-            entry[f"delta_{reg}_ci95"] = list(_interval(diff)) if len(diff) else [float("nan")] * 2
+            entry[f"delta_{reg}_ci95"] = list(paired_interval(diff)) if len(diff) else [float("nan")] * 2
         entry["hd95_mean"] = float(np.nanmean([float(cases[c][r]["hd95"]) for c in cases for r in REGIONS]))
         entry["iou_mean"] = float(np.nanmean([float(cases[c][r]["iou"]) for c in cases for r in REGIONS]))
         src = Path(a.out) / ("default" if row == "crf" else row)
