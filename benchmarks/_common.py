@@ -184,3 +184,24 @@ def paired_interval(diff) -> tuple[float, float]:
         return float(diff.mean()), float(diff.mean())
     ci = bootstrap((diff,), np.mean, confidence_level=0.95, n_resamples=10000, random_state=0).confidence_interval
     return float(ci.low), float(ci.high)
+
+
+def train_stats(folder: Path) -> tuple[float | None, float | None]:
+    """A cross-validation's (median seconds per iteration over the epochs without
+    validation, parameters in M); (None, None) when it has no config.json yet."""
+    import csv
+
+    import numpy as np
+
+    from medseg.config import load_config
+    from medseg.train import build_network
+    if not (Path(folder) / "config.json").exists():
+        return None, None
+    cfg = load_config(Path(folder) / "config.json")
+    secs = []
+    for log in Path(folder).glob("fold_*/log.csv"):
+        for r in csv.DictReader(log.open()):
+            if not r.get("dice_mean"):
+                secs.append(float(r["seconds"]) / cfg["train"]["iters_per_epoch"])
+    params = sum(p.numel() for p in build_network(cfg).parameters()) / 1e6
+    return (float(np.median(secs)) if secs else None), params

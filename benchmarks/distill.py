@@ -26,7 +26,6 @@ student. Nothing is asserted: this measures.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import cv_cases, paired_interval  # noqa: E402 (benchmarks/ is the script's folder)
+from _common import cv_cases, paired_interval, train_stats  # noqa: E402 (benchmarks/ is the script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 REGIONS = ("TC", "WT", "ET")
@@ -70,18 +69,6 @@ def run_arms(a) -> dict:
 
 
 
-def _train_stats(folder: Path) -> tuple[float | None, float]:
-    from medseg.config import load_config
-    from medseg.train import build_network
-    cfg = load_config(folder / "config.json")
-    secs = []
-    for log in folder.glob("fold_*/log.csv"):
-        for r in csv.DictReader(log.open()):
-            if not r.get("dice_mean"):
-                secs.append(float(r["seconds"]) / cfg["train"]["iters_per_epoch"])
-    params = sum(p.numel() for p in build_network(cfg).parameters()) / 1e6
-    return (float(np.median(secs)) if secs else None), params
-
 
 def _mean_dice(case: dict) -> float:
     return float(np.nanmean([float(case[r]["dice"]) for r in REGIONS]))
@@ -97,7 +84,7 @@ def summarise(a) -> dict:
             e[f"dice_{r}"] = float(np.nanmean([float(c[r]["dice"]) for c in cases.values()]))
             e[f"hd95_{r}"] = float(np.nanmean([float(c[r]["hd95"]) for c in cases.values()]))
         e["dice_mean"] = float(np.mean([_mean_dice(c) for c in cases.values()]))
-        e["s_per_iter"], e["params_m"] = _train_stats(out / arm)
+        e["s_per_iter"], e["params_m"] = train_stats(out / arm)
         result["arms"][arm] = e
     for other in ("teacher", "student_plain"):
         if "student_kd" in found and other in found:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import cv_cases, paired_interval  # noqa: E402 (benchmarks/ is the script's folder)
+from _common import cv_cases, paired_interval, train_stats  # noqa: E402 (benchmarks/ is the script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,23 +120,6 @@ def _crf_row(a, params: dict) -> float:
 
 
 
-def _train_stats(folder: Path) -> tuple[float | None, float | None]:
-    """(median seconds per iteration over the epochs without validation, parameters in M)."""
-    import csv
-
-    from medseg.config import load_config
-    from medseg.train import build_network
-    if not (folder / "config.json").exists():
-        return None, None
-    cfg = load_config(folder / "config.json")
-    secs = []
-    for log in folder.glob("fold_*/log.csv"):
-        for r in csv.DictReader(log.open()):
-            if not r.get("dice_mean"):
-                secs.append(float(r["seconds"]) / cfg["train"]["iters_per_epoch"])
-    params = sum(p.numel() for p in build_network(cfg).parameters()) / 1e6
-    return (float(np.median(secs)) if secs else None), params
-
 
 def summarise(a) -> dict:
     base = cv_cases(Path(a.out) / "default")
@@ -158,7 +141,7 @@ def summarise(a) -> dict:
         entry["hd95_mean"] = float(np.nanmean([float(cases[c][r]["hd95"]) for c in cases for r in REGIONS]))
         entry["iou_mean"] = float(np.nanmean([float(cases[c][r]["iou"]) for c in cases for r in REGIONS]))
         src = Path(a.out) / ("default" if row == "crf" else row)
-        entry["s_per_iter"], entry["params_m"] = (None, _train_stats(src)[1]) if row == "crf" else _train_stats(src)
+        entry["s_per_iter"], entry["params_m"] = (None, train_stats(src)[1]) if row == "crf" else train_stats(src)
         result[row] = entry
     return result
 
