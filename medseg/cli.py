@@ -36,8 +36,8 @@ def _progress(label: str):
 def _cmd_synth(a) -> int:
     from medseg.data.synth import synthesize
     ids = synthesize(a.out, a.cases, a.layout, a.seed, tuple(a.shape), a.test_cases,
-                     not a.uniform_geometry, a.preview, progress=_progress("synth"))
-    print(f"wrote {len(ids)} {a.layout} cases ({a.cases} labelled, {a.test_cases} unlabelled) "
+                     not a.uniform_geometry, a.preview, progress=_progress("synth"), task=a.task)
+    print(f"wrote {len(ids)} {a.layout} {a.task} cases ({a.cases} labelled, {a.test_cases} unlabelled) "
           f"to {a.out}" + (f"; preview {a.preview}" if a.preview else ""))
     return 0
 
@@ -49,6 +49,7 @@ def _cmd_index(a) -> int:
     if a.json:
         print(json.dumps({
             "root": str(ds.root), "layout": ds.layout.name, "label_convention": conv.name,
+            "task": _dataset_task(ds, conv, a.task)[0].name,
             "channels": list(ds.layout.channels),
             "cases": [{"id": c.case_id, "patient": c.patient_id,
                        "images": [str(p) for p in c.images],
@@ -60,6 +61,8 @@ def _cmd_index(a) -> int:
     print(f"root        {ds.root}")
     print(f"layout      {ds.layout.name} (channels {', '.join(ds.layout.channels)})")
     print(f"labels      {conv.name}: {conv.description}")
+    task, why = _dataset_task(ds, conv, a.task)
+    print(f"task        {task.name}: {task.description} ({why})")
     print(f"training    {len(ds.training)} cases with labels ({patients} patients)")
     print(f"testing     {len(ds.testing)} cases without labels")
     incomplete = [c.case_id for c in ds.cases if c.missing]
@@ -101,12 +104,29 @@ def _cmd_split(a) -> int:
     conv, scans = resolve_convention(ds, a.convention, a.jobs)
     name = a.name or Path(a.out).stem
     dl = build_datalist(ds, conv, scans, a.folds, a.seed, name)
+    task, why = _dataset_task(ds, conv, a.task)
+    if a.task:
+        dl["task"] = task.name
     written = write_datalist(dl, a.out, a.overwrite)
     sizes = [sum(1 for e in dl["training"] if e["fold"] == k) for k in range(a.folds)]
     print(f"{'wrote' if written else 'unchanged'} {a.out}: {len(dl['training'])} cases in "
           f"{a.folds} folds {sizes} (seed {a.seed}, patient-grouped), {len(dl['testing'])} testing, "
-          f"labels {conv.name}")
+          f"labels {conv.name}, task {task.name} ({why})")
     return 0
+
+
+def _dataset_task(ds, conv, task: str | None):
+    """(task, why) of a discovered dataset: `task` (--task, checked against its labels),
+    else detected from its convention and the cohorts its case ids name."""
+    from medseg.labels import brats_cohort, detect_task, get_task, task_problem
+    if task:
+        t, why = get_task(task), "chosen with --task"
+    else:
+        t, why = detect_task(conv, [brats_cohort(c.case_id) for c in ds.training or ds.cases])
+    problem = task_problem(t, conv)
+    if problem:
+        raise MedsegError(f"{ds.root}: {problem}")
+    return t, why
 
 
 def _cmd_preprocess(a) -> int:
@@ -150,7 +170,9 @@ def _cmd_verify(a) -> int:
 
 def _cmd_demo(a) -> int:
     from medseg.demo import run_demo
-    return run_demo(a.out, a.datalist, None if a.no_cv else a.run, a.set, print_fn=_say)
+    from medseg.demo import demo_paths
+    out, datalist, run = demo_paths(a.task, a.out, a.datalist, a.run)
+    return run_demo(out, datalist, None if a.no_cv else run, a.set, print_fn=_say, task=a.task)
 
 
 def _say(text: str) -> None:
@@ -160,11 +182,12 @@ def _say(text: str) -> None:
 
 def _config(a) -> dict:
     from medseg.config import apply_overrides, bundle_files, load_config, resolve_config
+    sets = list(a.set) + ([f"data.task={a.task}"] if getattr(a, "task", None) else [])
     if a.config:
-        cfg = apply_overrides(load_config(a.config, a.bundle), a.set)
+        cfg = apply_overrides(load_config(a.config, a.bundle), sets)
         source = f"{a.config}"
     else:
-        cfg = resolve_config(a.preset, a.set, a.bundle)
+        cfg = resolve_config(a.preset, sets, a.bundle)
         source = " + ".join(str(f) for f in bundle_files(a.preset, a.bundle))
     _say(f"experiment: {source}" + (f" with {len(a.set)} override(s)" if a.set else ""))
     return cfg
@@ -310,7 +333,8 @@ def _cmd_study(a) -> int:
 
 def _cmd_evaluate(a) -> int:
     from medseg.evaluate import evaluate_folder, format_table
-    summary = evaluate_folder(a.pred, a.ref, a.out, a.convention, a.rules)
+    summary = evaluate_folder(a.pred, a.ref, a.out, a.convention, a.rules, a.task)
+    _say(f"task {summary['task']} ({summary['task_source']}): scored on {', '.join(summary['regions'])}")
     print(format_table(summary["overall"], rules=summary["rules"]))
     print(f"per-case metrics: {Path(a.out) / 'metrics.csv'}; summary: {Path(a.out) / 'summary.json'}")
     return 0
@@ -336,6 +360,7 @@ def _cmd_report(a) -> int:
 
 
 def _experiment_args(c: argparse.ArgumentParser) -> None:
+    from medseg.labels import TASKS
     c.add_argument("--datalist", required=True, help="datalist JSON from `medseg data split`")
     c.add_argument("--data-root", required=True, help="folder the datalist paths are relative to")
     c.add_argument("--bundle", help="MONAI bundle folder that defines the experiment "
@@ -347,13 +372,18 @@ def _experiment_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--config", help="a config.json written by an earlier run (instead of --preset)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=50 (repeatable)")
+    c.add_argument("--task", choices=list(TASKS),
+                   help="BraTS task (default: the datalist's, detected from its labels and case ids; "
+                   "the same as --set data.task=NAME)")
     c.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
 def _rules_arg(c: argparse.ArgumentParser) -> None:
     from medseg.scoring import DEFAULT_RULES, RULE_SETS
-    c.add_argument("--rules", choices=list(RULE_SETS), default=DEFAULT_RULES,
-                   help=f"scoring rule set (default: {DEFAULT_RULES}); brats23[-ssa|-ped|-men|-met]: "
+    c.add_argument("--rules", choices=list(RULE_SETS), default=None,
+                   help=f"scoring rule set (default: the task's: {DEFAULT_RULES} for gli2021/gli2023, "
+                   "brats-eval for gli2024/ped2024, brats23-men/-met/-ssa for men2023/met2023/ssa2023); "
+                   "brats23[-ssa|-ped|-men|-met]: "
                    "BraTS 2023/2024 lesion-wise; brats-eval: the official BraTS-evaluation "
                    "package (README: 'Scoring rules')")
 
@@ -472,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Choices come from their definitions where those are light to import (labels):
     # the layouts' module reads NIfTI, so their names are listed once here (a test
     # holds them equal to medseg.data.discover.LAYOUTS).
-    from medseg.labels import CONVENTIONS
+    from medseg.labels import CONVENTIONS, TASKS
     p = argparse.ArgumentParser(prog="medseg")
     p.add_argument("--version", action="version", version=f"medseg {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -484,6 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cases", type=int, required=True, help="number of labelled cases")
     s.add_argument("--out", required=True, help="new (or empty) output folder")
     s.add_argument("--layout", choices=list(LAYOUT_NAMES), default="brats2023")
+    s.add_argument("--task", choices=list(TASKS), default="gli2023",
+                   help="pathology and labels: gli2021/gli2023 glioma (default), gli2024 post-treatment "
+                   "(resection cavity, brats2024 labels), ped2024 paediatric (cysts, brats2024-ped "
+                   "labels), men2023 meningioma, met2023 metastases, ssa2023")
     s.add_argument("--shape", type=int, nargs=3, default=[96, 96, 64], metavar=("X", "Y", "Z"),
                    help="grid over a 240x240x155 mm field of view (240 240 155 = BraTS 1 mm)")
     s.add_argument("--seed", type=int, default=0)
@@ -501,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--convention", choices=list(CONVENTIONS),
                        help="label convention (default: detected from file names and label values)")
         c.add_argument("--jobs", type=int, default=None, help="reader threads (default: CPU count)")
+        if name in ("index", "split"):
+            c.add_argument("--task", choices=list(TASKS),
+                           help="BraTS task (default: detected from the labels and the cohorts the case "
+                           "ids name)" + ("; recorded in the datalist" if name == "split" else ""))
         c.set_defaults(func=func)
         if name == "index":
             c.add_argument("--json", action="store_true", help="print the case list as JSON")
@@ -674,6 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="folder for metrics.csv and summary.json")
     ev.add_argument("--convention", choices=list(CONVENTIONS),
                     help="label convention of both (default: detected from the reference data root)")
+    ev.add_argument("--task", choices=list(TASKS),
+                    help="BraTS task whose regions are scored (default: the model's, from --pred's "
+                    "predictions.json, else detected from the references)")
     _rules_arg(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
@@ -706,9 +747,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=_cmd_report)
 
     d = sub.add_parser("demo", help="synthetic data → check → split → 5-fold CV (cpu preset)")
-    d.add_argument("--out", default="demo_data/brats2023", help="synthetic data folder")
-    d.add_argument("--datalist", default="data_lists/demo_brats2023.json")
-    d.add_argument("--run", default="runs/demo_cpu", help="cross-validation folder")
+    d.add_argument("--task", choices=list(TASKS), default="gli2023",
+                   help="BraTS task of the synthetic cases (default gli2023: adult glioma; gli2024: "
+                   "post-treatment with resection cavities; ped2024, men2023, met2023, ssa2023, gli2021)")
+    d.add_argument("--out", help="synthetic data folder (default demo_data/brats2023; other tasks "
+                   "demo_data/<task>)")
+    d.add_argument("--datalist", help="default data_lists/demo_brats2023.json (other tasks "
+                   "data_lists/demo_<task>.json)")
+    d.add_argument("--run", help="cross-validation folder (default runs/demo_cpu; other tasks "
+                   "runs/demo_<task>_cpu)")
     d.add_argument("--no-cv", action="store_true", help="stop after the split")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a cpu-preset value, e.g. --set train.epochs=10")

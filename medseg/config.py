@@ -119,7 +119,7 @@ def _keys(d: dict, prefix: str = "") -> set[str]:
 #: ``config.json`` and checkpoint still loads, compares and resumes.
 LATER_KEYS = {("train", "modality_dropout"): 0.0, ("train", "ddp_timeout_min"): 30, ("train", "init_from"): None,
               ("train", "modality_dropout_weight"): 1.0,
-              ("data", "augment"): "auto", ("train", "grad_checkpoint"): False,
+              ("data", "augment"): "auto", ("data", "task"): None, ("train", "grad_checkpoint"): False,
               ("train", "loss"): {"name": "dice_ce", "dice_weight": 1.0, "ce_weight": 1.0, "focal_weight": 1.0,
                                   "focal_alpha": 0.25, "focal_gamma": 2.0, "class_weights": "none"},
               ("train", "distill"): {"teacher": None, "weight": 0.5, "teacher_tta": False}}

@@ -27,15 +27,15 @@ from typing import IO, Callable, Sequence
 import numpy as np
 
 from medseg.config import config_hash, experiment
-from medseg.data.folds import load_datalist
+from medseg.data.folds import datalist_task, load_datalist
 from medseg.data.io import write_json
 from medseg.errors import MedsegError
 from medseg.evaluate import (evaluate_case, format_table, metric_rows, read_rows, rules_of,
                              summarize, write_rows)
 from medseg.infer import Predictor
-from medseg.labels import REGIONS
+from medseg.labels import get_task
 from medseg.scoring import CASE_METRICS, DEFAULT_RULES, describe_rules, get_rules, rule_metrics
-from medseg.train import CHECKPOINT_DIR, DEFAULT_STORE, fold_data, prepare_store, train_fold
+from medseg.train import CHECKPOINT_DIR, DEFAULT_STORE, fold_data, prepare_store, train_fold, with_task
 
 __all__ = ["run_cv", "evaluate_fold", "format_summary", "choose_et_threshold"]
 
@@ -126,31 +126,34 @@ def _train_folds_parallel(folds: list[int], devices: Sequence[str], cfg_path: Pa
 
 def evaluate_fold(fold: int, datalist: str | Path, data_root: str | Path, fold_dir: str | Path,
                   checkpoint: str | Path | None = None, device: str | None = None,
-                  print_fn: Callable[[str], None] = print, rules: str = DEFAULT_RULES) -> list[dict]:
+                  print_fn: Callable[[str], None] = print, rules: str | None = None) -> list[dict]:
     """Predict the held-out cases of `fold` with `checkpoint` (default: the fold's
-    ``checkpoints/final.pt``) onto their own grids and score them under the rule set
-    `rules`: writes ``predictions/<case>.nii.gz``, ``metrics.csv`` and ``summary.json``
+    ``checkpoints/final.pt``) onto their own grids and score them on the regions the
+    model's task scores, under the rule set `rules` (None: the task's): writes ``predictions/<case>.nii.gz``, ``metrics.csv`` and ``summary.json``
     in `fold_dir`; returns the metric rows. Results newer than the checkpoint are
     reused (a resumed cross-validation) when they were scored under the same rules
     and have every column those rules write; a newer checkpoint is evaluated afresh,
     other rules (or rows written before a column existed, e.g. ``iou``) re-score the
     masks."""
-    columns = rule_metrics(get_rules(rules)) + CASE_METRICS
     fold_dir = Path(fold_dir)
     ckpt = Path(checkpoint) if checkpoint else fold_dir / CHECKPOINT_DIR / "final.pt"
     if not ckpt.is_file():
         raise MedsegError(f"fold {fold}: no checkpoint {ckpt}; train the fold first (`medseg train "
                           f"--fold {fold}` or the bundle's `run training --fold {fold}`)")
+    predictor = Predictor([ckpt], device=device)
+    task = get_task(predictor.spec.task)
+    rules = rules or task.rules
+    columns = rule_metrics(get_rules(rules)) + CASE_METRICS
     stamp = ckpt.stat().st_mtime
     metrics_csv = fold_dir / "metrics.csv"
     if metrics_csv.exists() and metrics_csv.stat().st_mtime >= stamp:
         old = read_rows(metrics_csv)
-        if rules_of(old) == rules and all(m in row for row in old for m in columns):
+        if (rules_of(old) == rules and all(m in row for row in old for m in columns)
+                and {row["region"] for row in old} == set(task.scored)):
             return old
-    data = fold_data(datalist, data_root, fold)
+    data = fold_data(datalist, data_root, fold, task.name)
     if not data.val:
         raise MedsegError(f"fold {fold}: {datalist} has no cases in this fold to evaluate")
-    predictor = Predictor([ckpt], device=device)
     rows = []
     for case in data.val:
         target = fold_dir / "predictions" / f"{case['id']}.nii.gz"
@@ -158,17 +161,17 @@ def evaluate_fold(fold: int, datalist: str | Path, data_root: str | Path, fold_d
         if not (target.exists() and target.stat().st_mtime >= stamp):
             images = case["image"] if isinstance(case["image"], list) else [case["image"]]
             predictor.predict_case(images, target, data.convention, data.channels)
-        rows += metric_rows(case["id"], evaluate_case(target, case["label"], data.convention, rules),
+        rows += metric_rows(case["id"], evaluate_case(target, case["label"], data.convention, rules, task),
                             rules=rules, fold=fold)
     write_rows(rows, metrics_csv)
     overall = summarize(rows)
     write_json({"fold": fold, "checkpoint": str(ckpt), "cases": len(data.val), "rules": rules,
-                "overall": overall}, fold_dir / "summary.json")
-    dice = {r: overall[r]["dice"]["mean"] for r in REGIONS}
-    miou = overall[REGIONS[0]]["mean_iou"]["mean"]
+                "task": task.name, "overall": overall}, fold_dir / "summary.json")
+    dice = {r: overall[r]["dice"]["mean"] for r in task.scored}
+    miou = overall[task.scored[0]]["mean_iou"]["mean"]
     print_fn(f"fold {fold}: {len(data.val)} held-out cases predicted; Dice ({rules}) "
              + "  ".join(f"{r} {dice[r] if dice[r] is not None else float('nan'):.3f}"
-                         for r in REGIONS)
+                         for r in task.scored)
              + f"; mean IoU {miou if miou is not None else float('nan'):.3f}")
     return rows
 
@@ -198,10 +201,11 @@ def choose_et_threshold(rows: list[dict]) -> dict:
 def run_cv(cfg: dict, datalist: str | Path, data_root: str | Path, out_dir: str | Path,
            n_folds: int | None = None, folds: Sequence[int] | None = None,
            devices: Sequence[str] | None = None, device: str | None = None,
-           print_fn: Callable[[str], None] = print, rules: str = DEFAULT_RULES) -> dict:
-    """Run (or continue) the cross-validation, scoring out-of-fold cases under the
-    rule set `rules`; returns the summary written to ``cv_summary.json``."""
-    rule_set = get_rules(rules)
+           print_fn: Callable[[str], None] = print, rules: str | None = None) -> dict:
+    """Run (or continue) the cross-validation of the experiment's task (``data.task``;
+    None: the datalist's, `medseg.data.folds.datalist_task`), scoring out-of-fold cases
+    under the rule set `rules` (None: the task's); returns the summary written to
+    ``cv_summary.json``."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     dl = load_datalist(datalist)
@@ -221,12 +225,20 @@ def run_cv(cfg: dict, datalist: str | Path, data_root: str | Path, out_dir: str 
     # Every input is checked before anything is created: a wrong --data-root must
     # not leave an experiment folder behind.
     for k in todo:
-        fold_data(datalist, data_root, k)
+        fold_data(datalist, data_root, k, cfg["data"].get("task"))
+    task, why = datalist_task(dl, cfg["data"].get("task"), str(datalist))
+    cfg = with_task(cfg, task.name)
+    rules = rules or task.rules
+    rule_set = get_rules(rules)
+    print_fn(f"task {task.name} ({why}): outputs {', '.join(task.outputs)}; scored on "
+             f"{', '.join(task.scored)} under {rules}")
     cfg_path = out_dir / "config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
         if isinstance(old, dict) and set(old) == set(cfg):
             old = experiment(**old)          # an older config: its later keys filled in
+            if old["data"].get("task") is None:     # written before tasks: its task was this one
+                old = with_task(old, task.name)
         if old != cfg:
             raise MedsegError(f"{out_dir} holds a cross-validation with another configuration "
                               f"({cfg_path}, hash {config_hash(old)} vs {config_hash(cfg)}); "
@@ -265,7 +277,7 @@ def run_cv(cfg: dict, datalist: str | Path, data_root: str | Path, out_dir: str 
         "datalist": str(datalist), "data_root": str(Path(data_root).resolve()), "folds": todo, "num_folds": k_total,
         "cases": len({r["case"] for r in rows}),
         "checkpoint": "final (out-of-fold cases never choose the checkpoint)",
-        "rules": rules, "metric_conventions": rule_set.description,
+        "task": task.to_dict(), "rules": rules, "metric_conventions": rule_set.description,
         "rule_set": describe_rules(rule_set),
         "overall": summarize(rows),
         "per_fold": {str(k): summarize([r for r in rows if int(r["fold"]) == k]) for k in todo},

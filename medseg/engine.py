@@ -162,7 +162,8 @@ class Engine:
         stack = np.concatenate([self.refine(self._to_numpy(p), x, grid)] +
                                [self._to_numpy(maps[s]) for s in statistics])
         out = restore(stack, grid)
-        return out[:3], {s: out[3 * i + 3: 3 * i + 6] for i, s in enumerate(statistics)}, ref
+        r = len(self.spec.regions)
+        return out[:r], {s: out[r * i + r: r * i + 2 * r] for i, s in enumerate(statistics)}, ref
 
     def regions(self, probs: np.ndarray, ref: nib.Nifti1Image) -> tuple[np.ndarray, float]:
         """`(3, X, Y, Z)` probabilities on `ref`'s grid → (post-processed bool TC/WT/ET, voxel mL)."""
@@ -179,7 +180,7 @@ class Engine:
         the input's header image."""
         probs, ref = self.probabilities(images, channels)
         regions, _ = self.regions(probs, ref)
-        return regions_to_labels(regions, convention or self.spec.label_convention), ref
+        return regions_to_labels(regions, convention or self.spec.label_convention, self.spec.task), ref
 
     def predict_case(self, images: Sequence[str | Path], target: str | Path, convention: str | None = None,
                      channels: Sequence[str] = CHANNELS, probs_target: str | Path | None = None,
@@ -201,17 +202,18 @@ class Engine:
         else:
             (probs, ref), maps = self.probabilities(images, channels), None
         if space is not None:
+            r = len(self.spec.regions)
             stack, ref = space(np.concatenate([probs] + ([maps[STATISTIC]] if maps else [])))
-            probs, maps = stack[:3], ({STATISTIC: stack[3:6]} if maps else None)
+            probs, maps = stack[:r], ({STATISTIC: stack[r:2 * r]} if maps else None)
         regions, voxel_ml = self.regions(probs, ref)
-        labels = regions_to_labels(regions, conv)
+        labels = regions_to_labels(regions, conv, self.spec.task)
         write_label_map(labels, ref, Path(target), conv, source=source)
         if probs_target is not None:
-            write_region_maps(probs, ref, Path(probs_target), f"{source} probabilities")
+            write_region_maps(probs, ref, Path(probs_target), f"{source} probabilities", regions=self.spec.regions)
         if maps is not None:
             u = maps[STATISTIC]
             write_region_maps(u, ref, Path(uncertainty_target), f"{source} uncertainty {STATISTIC}",
-                              cal=RANGE[STATISTIC])
+                              cal=RANGE[STATISTIC], regions=self.spec.regions)
             extra["uncertainty"] = uncertainty_record(u, regions, probs, voxel_ml, review_threshold,
-                                                      STATISTIC, self.members())
+                                                      STATISTIC, self.members(), names=self.spec.regions)
         return labels, extra

@@ -24,12 +24,13 @@ from medseg.data.discover import discover, resolve_convention
 from medseg.data.io import (atomic_path, is_nifti, load_array, load_header, nifti_stem, same_grid,
                             write_json)
 from medseg.errors import DataError, MedsegError
-from medseg.labels import CONVENTIONS, REGIONS, get_convention, labels_to_regions, validate_labels
+from medseg.labels import (CONVENTIONS, REGIONS, Task, brats_cohort, detect_task, get_convention, get_task,
+                           legacy_task, region_masks, task_problem, validate_labels)
 from medseg.metrics import mean_iou, score_case
 from medseg.scoring import (ALL_METRICS, CASE_METRICS, DEFAULT_RULES, describe_rules, get_rules,
                             rule_metrics)
 
-__all__ = ["load_regions", "evaluate_case", "metric_rows", "summarize", "write_rows", "read_rows",
+__all__ = ["load_regions", "evaluate_case", "folder_task", "metric_rows", "summarize", "write_rows", "read_rows",
            "references", "evaluate_folder", "format_table", "rules_of"]
 
 
@@ -38,40 +39,45 @@ def _check_recorded_convention(path: Path, img, convention: str) -> None:
     ``descrip``) must be read with a convention that gives the same region labels:
     a brats2021 mask (ET = 4) read as brats2023 would score an empty ET."""
     text = bytes(img.header["descrip"].item()).decode("ascii", "replace")
-    m = re.search(r"labels=([a-z0-9]+)", text)
+    m = re.search(r"labels=([a-z0-9-]+)", text)
     if not m or m.group(1) not in CONVENTIONS:
         return
     got, want = get_convention(m.group(1)), get_convention(convention)
-    if (got.ncr, got.ed, got.et) != (want.ncr, want.ed, want.et):
+    if dict(got.class_of) != dict(want.class_of):
         raise DataError(f"{path}: written with {got.name} labels ({got.description}; header "
                         f"'{text.strip()}'), but read as {want.name} ({want.description}); evaluate "
                         f"with --convention {got.name}, or predict again with --convention {want.name}")
 
 
-def load_regions(path: str | Path, convention: str) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """Label file → (`(3, X, Y, Z)` bool TC/WT/ET, affine, voxel spacing in mm)."""
+def load_regions(path: str | Path, convention: str, task: str | Task | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Label file → (`(R, X, Y, Z)` bool masks of the regions `task` scores (default
+    the convention's legacy task: TC/WT/ET), affine, voxel spacing in mm)."""
     img = load_header(Path(path))
     lab = load_array(Path(path), img, dtype=np.float32)
     if lab.ndim != 3:
         raise DataError(f"{path}: expected a 3D label map, found shape {lab.shape}")
     _check_recorded_convention(Path(path), img, convention)
     validate_labels(np.unique(lab), convention, str(path))
-    return labels_to_regions(lab.astype(np.int16), convention), img.affine, \
+    t = get_task(task) if task is not None else legacy_task(convention)
+    return region_masks(lab.astype(np.int16), convention, t, t.scored), img.affine, \
         tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
 def evaluate_case(pred: str | Path, ref: str | Path, convention: str,
-                  rules: str = DEFAULT_RULES) -> dict[str, dict[str, float]]:
+                  rules: str = DEFAULT_RULES, task: str | Task | None = None) -> dict[str, dict[str, float]]:
     """{region: {metric: value}} for one prediction file against its reference, scored
-    under the rule set named `rules`."""
+    under the rule set named `rules` on the regions `task` scores (default: the
+    convention's legacy task, TC/WT/ET)."""
     rule_set = get_rules(rules)
-    p, p_aff, _ = load_regions(pred, convention)
-    r, r_aff, spacing = load_regions(ref, convention)
+    t = get_task(task) if task is not None else legacy_task(convention)
+    p, p_aff, _ = load_regions(pred, convention, t)
+    r, r_aff, spacing = load_regions(ref, convention, t)
     if not same_grid(p.shape[1:], p_aff, r.shape[1:], r_aff):
         raise DataError(f"{pred}: grid {p.shape[1:]} does not match the reference {ref} "
                         f"{r.shape[1:]} (or their affines differ); predictions must be written on "
                         "the reference image grid (medseg predict does this)")
-    return score_case(p, r, spacing, rule_set)
+    return score_case(p, r, spacing, rule_set, regions=t.scored)
 
 
 def metric_rows(case_id: str, metrics: dict[str, dict[str, float]], rules: str = DEFAULT_RULES,
@@ -79,9 +85,9 @@ def metric_rows(case_id: str, metrics: dict[str, dict[str, float]], rules: str =
     """One row per region: {**extra, case, region, rules, dice, iou, hd95, …, mean_iou},
     the region's columns (`rule_metrics`) then the case's (`CASE_METRICS`: the mean of
     the regions' IoU, NaN regions left out)."""
-    case = {"mean_iou": mean_iou({r: metrics[r] for r in REGIONS})}
+    case = {"mean_iou": mean_iou(dict(metrics))}
     return [{**extra, "case": case_id, "region": r, "rules": rules, **metrics[r], **case}
-            for r in REGIONS]
+            for r in metrics]
 
 
 def rules_of(rows: Iterable[dict]) -> str:
@@ -114,8 +120,9 @@ def summarize(rows: Iterable[dict]) -> dict[str, dict[str, dict[str, float]]]:
     rows = list(rows)
     metrics = [m for m in rule_metrics(get_rules(rules_of(rows))) + CASE_METRICS
                if all(m in row for row in rows)]
+    regions = list(dict.fromkeys(row["region"] for row in rows))
     return {r: {m: _stats([row[m] for row in rows if row["region"] == r]) for m in metrics}
-            for r in REGIONS if any(row["region"] == r for row in rows)}
+            for r in regions}
 
 
 def write_rows(rows: list[dict], path: str | Path) -> None:
@@ -159,20 +166,51 @@ def references(ref: Path, convention: str | None) -> tuple[dict[str, Path], str]
         raise MedsegError(f"--ref {ref}: no labelled cases and no .nii.gz files found")
     if convention is None:
         raise MedsegError(f"--ref {ref} is a plain folder of label files: pass --convention "
-                          "(brats2021, brats2023, brats2024 or msd)")
+                          f"({', '.join(CONVENTIONS)})")
     return files, convention
 
 
+def folder_task(pred: Path, conv: str, case_ids: Iterable[str], task: str | None = None) -> tuple[Task, str]:
+    """The task a folder of predictions is scored by → (task, why): `task` (--task), else
+    the model's, recorded in ``predictions.json`` by `medseg predict`, else detected
+    from the references' convention and case ids. Labels the task cannot be scored
+    on are an error."""
+    if task:
+        t, why = get_task(task), "chosen (--task)"
+    else:
+        recorded = None
+        manifest = Path(pred) / "predictions.json"
+        if manifest.is_file():
+            try:
+                import json
+                recorded = (json.loads(manifest.read_text()).get("run") or {}).get("task")
+            except (OSError, ValueError):
+                recorded = None
+        if isinstance(recorded, dict):
+            recorded = recorded.get("name")
+        if recorded:
+            t, why = get_task(recorded), f"the model's, recorded in {manifest}"
+        else:
+            t, why = detect_task(conv, [brats_cohort(c) for c in case_ids])
+    problem = task_problem(t, conv)
+    if problem:
+        raise DataError(f"references in {conv}: {problem}")
+    return t, why
+
+
 def evaluate_folder(pred: str | Path, ref: str | Path, out: str | Path,
-                    convention: str | None = None, rules: str = DEFAULT_RULES) -> dict:
-    """Evaluate every ``<case_id>.nii.gz`` of `pred` against its reference under the
-    rule set `rules`; write ``metrics.csv`` (per case × region) and ``summary.json``
-    to `out`."""
-    rule_set = get_rules(rules)
+                    convention: str | None = None, rules: str | None = None,
+                    task: str | None = None) -> dict:
+    """Evaluate every ``<case_id>.nii.gz`` of `pred` against its reference on the regions
+    its task scores (`folder_task`), under the rule set `rules` (None: the task's);
+    write ``metrics.csv`` (per case × region) and ``summary.json`` to `out`."""
     pred, ref, out = Path(pred), Path(ref), Path(out)
     if not pred.is_dir():
         raise MedsegError(f"--pred {pred}: not a folder")
     refs, conv = references(ref, convention)
+    t, task_why = folder_task(pred, conv, refs, task)
+    rules = rules or t.rules
+    rule_set = get_rules(rules)
     # `predict --uncertainty` writes <case>_uncertainty.nii.gz beside each mask: not a mask.
     preds = {nifti_stem(p): p for p in sorted(pred.iterdir())
              if p.is_file() and is_nifti(p) and not nifti_stem(p).endswith("_uncertainty")}
@@ -183,9 +221,10 @@ def evaluate_folder(pred: str | Path, ref: str | Path, out: str | Path,
                           "case as empty) or evaluate against a folder holding only those predicted")
     rows = []
     for case_id in sorted(refs):
-        rows += metric_rows(case_id, evaluate_case(preds[case_id], refs[case_id], conv, rules),
+        rows += metric_rows(case_id, evaluate_case(preds[case_id], refs[case_id], conv, rules, t),
                             rules=rules)
     summary = {"pred": str(pred), "ref": str(ref), "label_convention": conv, "cases": len(refs),
+               "task": t.name, "task_source": task_why, "regions": list(t.scored),
                "unmatched_predictions": sorted(set(preds) - set(refs)),
                "rules": rules, "metric_conventions": rule_set.description,
                "rule_set": describe_rules(rule_set),
@@ -207,15 +246,16 @@ def format_table(overall: dict, lines_before: list[tuple[str, dict]] = (),
     the overall Dice, IoU and HD95 lines, and the lesion-wise lines when `overall` has
     them; then the mean IoU over the regions (a case's mean, averaged over the cases)
     and a line naming the rule set."""
-    out = [f"{'':10}" + "".join(f"{r:>22}" for r in REGIONS)]
+    regions = list(overall) or list(REGIONS)
+    out = [f"{'':10}" + "".join(f"{r:>22}" for r in regions)]
     units = "vox" if get_rules(rules).units == "voxel" else "mm"
 
     def line(name: str, block: dict, metric: str, fmt: str) -> str:
-        return f"{name:10}" + "".join(f"{_cell(block[r][metric], fmt):>22}" for r in REGIONS)
+        return f"{name:10}" + "".join(f"{_cell(block[r][metric], fmt):>22}" for r in regions)
 
     out += [line(name, block, "dice", ".3f") for name, block in lines_before]
     out.append(line("Dice", overall, "dice", ".3f"))
-    first = overall[REGIONS[0]] if overall else {}
+    first = overall[regions[0]] if overall else {}
     if "iou" in first:
         out.append(line("IoU", overall, "iou", ".3f"))
     out.append(line(f"HD95 {units}", overall, "hd95", ".1f"))
@@ -226,6 +266,6 @@ def format_table(overall: dict, lines_before: list[tuple[str, dict]] = (),
             out.append(line(name, overall, metric, fmt))
     if "mean_iou" in first:
         out.append(f"{'mean IoU':10}{_cell(first['mean_iou'], '.3f'):>22}  (per case, over "
-                   + ", ".join(REGIONS) + ")")
+                   + ", ".join(regions) + ")")
     out.append(f"scoring rules: {rules} (README: 'Scoring rules')")
     return "\n".join(out)

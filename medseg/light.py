@@ -282,12 +282,13 @@ class ThinUNet3D(nn.Module):
 
 
 def mobilenet_unet3d(channels: Sequence[int] = MOBILENET_CHANNELS, blocks: Sequence[int] | int | None = None,
-                     expansion: Sequence[int] | int | None = None, se_reduction: int = 4) -> nn.Module:
-    """Registry builder of `MobileNetUNet3D` (4 channels → 3 regions)."""
-    return MobileNetUNet3D(len(CHANNELS), len(REGIONS), channels=channels, blocks=blocks, expansion=expansion,
+                     expansion: Sequence[int] | int | None = None, se_reduction: int = 4,
+                     out_channels: int = len(REGIONS)) -> nn.Module:
+    """Registry builder of `MobileNetUNet3D` (4 channels → the task's regions, 3 by default)."""
+    return MobileNetUNet3D(len(CHANNELS), out_channels, channels=channels, blocks=blocks, expansion=expansion,
                            se_reduction=se_reduction)
 
 
-def thin_unet3d(channels: Sequence[int] = THIN_CHANNELS) -> nn.Module:
-    """Registry builder of `ThinUNet3D` (4 channels → 3 regions)."""
-    return ThinUNet3D(len(CHANNELS), len(REGIONS), channels=channels)
+def thin_unet3d(channels: Sequence[int] = THIN_CHANNELS, out_channels: int = len(REGIONS)) -> nn.Module:
+    """Registry builder of `ThinUNet3D` (4 channels → the task's regions, 3 by default)."""
+    return ThinUNet3D(len(CHANNELS), out_channels, channels=channels)

@@ -380,7 +380,11 @@ def score_region(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
 
 
 def score_case(pred_regions: np.ndarray, ref_regions: np.ndarray, spacing: Sequence[float],
-               rules: Any) -> dict[str, dict[str, float]]:
-    """`(3, X, Y, Z)` boolean TC/WT/ET stacks → {region: {metric: value}} under `rules`."""
+               rules: Any, regions: Sequence[str] = REGIONS) -> dict[str, dict[str, float]]:
+    """`(R, X, Y, Z)` boolean stacks of the named `regions` (default TC/WT/ET) →
+    {region: {metric: value}} under `rules`."""
+    if len(pred_regions) != len(regions) or len(ref_regions) != len(regions):
+        raise ValueError(f"score_case: {len(pred_regions)} predicted and {len(ref_regions)} reference "
+                         f"masks for the regions {list(regions)}")
     return {r: score_region(pred_regions[i], ref_regions[i], spacing, rules)
-            for i, r in enumerate(REGIONS)}
+            for i, r in enumerate(regions)}

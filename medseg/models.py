@@ -124,7 +124,7 @@ class MissingAwareDynUNet(DynUNet):
 
 def _unet3d(preset: str = "full", filters: tuple[int, ...] | None = None,
             deep_supervision: bool = True, deep_supr_num: int | None = None,
-            missing_aware: bool = False) -> nn.Module:
+            missing_aware: bool = False, out_channels: int = len(REGIONS)) -> nn.Module:
     heads = unet3d_outputs(preset, filters, deep_supr_num) - 1
     if filters is None:
         filters = UNET3D_FILTERS[preset]
@@ -132,7 +132,7 @@ def _unet3d(preset: str = "full", filters: tuple[int, ...] | None = None,
     strides = [[1, 1, 1]] + [[2, 2, 2]] * (n - 1)
     cls = MissingAwareDynUNet if missing_aware else DynUNet
     return cls(
-        spatial_dims=3, in_channels=len(CHANNELS), out_channels=len(REGIONS),
+        spatial_dims=3, in_channels=len(CHANNELS), out_channels=out_channels,
         kernel_size=[[3, 3, 3]] * n, strides=strides, upsample_kernel_size=strides[1:],
         filters=list(filters), norm_name=("instance", {"affine": True}),
         act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
@@ -140,24 +140,26 @@ def _unet3d(preset: str = "full", filters: tuple[int, ...] | None = None,
     )
 
 
-def _segresnet(init_filters: int = 16) -> nn.Module:
+def _segresnet(init_filters: int = 16, out_channels: int = len(REGIONS)) -> nn.Module:
     return SegResNet(spatial_dims=3, init_filters=init_filters, in_channels=len(CHANNELS),
-                     out_channels=len(REGIONS), blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
+                     out_channels=out_channels, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
 
 
-def _swinunetr(feature_size: int = 24) -> nn.Module:
-    return SwinUNETR(in_channels=len(CHANNELS), out_channels=len(REGIONS), feature_size=feature_size)
+def _swinunetr(feature_size: int = 24, out_channels: int = len(REGIONS)) -> nn.Module:
+    return SwinUNETR(in_channels=len(CHANNELS), out_channels=out_channels, feature_size=feature_size)
 
 
-def _attention_unet(channels: tuple[int, ...] = (16, 32, 64, 128, 256)) -> nn.Module:
-    return AttentionUnet(spatial_dims=3, in_channels=len(CHANNELS), out_channels=len(REGIONS),
+def _attention_unet(channels: tuple[int, ...] = (16, 32, 64, 128, 256),
+                    out_channels: int = len(REGIONS)) -> nn.Module:
+    return AttentionUnet(spatial_dims=3, in_channels=len(CHANNELS), out_channels=out_channels,
                          channels=list(channels), strides=[2] * (len(channels) - 1))
 
 
 def _deeplabv3plus(channels: tuple[int, ...] = (16, 32, 64, 128), aspp_rates: tuple[int, ...] = (1, 2, 3),
                    dilations: tuple[int, ...] = (2,), aspp_channels: int | None = None,
-                   low_level_channels: int | None = None, dropout: float = 0.0) -> nn.Module:
-    return DeepLabV3Plus3D(len(CHANNELS), len(REGIONS), channels=channels, dilations=dilations,
+                   low_level_channels: int | None = None, dropout: float = 0.0,
+                   out_channels: int = len(REGIONS)) -> nn.Module:
+    return DeepLabV3Plus3D(len(CHANNELS), out_channels, channels=channels, dilations=dilations,
                            aspp_rates=aspp_rates, aspp_channels=aspp_channels,
                            low_level_channels=low_level_channels, dropout=dropout)
 

@@ -44,7 +44,7 @@ import numpy as np
 
 from medseg.data.io import load_array, load_header, same_grid
 from medseg.errors import DataError, MedsegError
-from medseg.labels import CHANNELS, REGIONS
+from medseg.labels import CHANNELS, get_task, legacy_task, task_problem
 
 __all__ = ["PREPROCESSING_VERSION", "PipelineSpec", "Grid", "read_case", "fill_channels", "to_ras",
            "voxel_spacing", "resampled_shape", "resample_linear", "resample_nearest", "clear_negligible",
@@ -71,7 +71,11 @@ class PipelineSpec:
     roi: tuple[int, int, int]
     label_convention: str
     channels: tuple[str, ...] = tuple(CHANNELS)
-    regions: tuple[str, ...] = tuple(REGIONS)
+    #: The model's sigmoid outputs, in order: the task's (`medseg.labels.Task.outputs`).
+    regions: tuple[str, ...] = ()
+    #: The BraTS task (`medseg.labels.TASKS`); "" (models written before tasks):
+    #: `medseg.labels.legacy_task` of the label convention, gli2021 or gli2023.
+    task: str = ""
     orientation: str = "RAS"
     #: Output grid: round((n - 1)·a/b + 1) voxels along each (RAS-ordered) input axis,
     #: sharing the first voxel centre (MONAI Spacing's size rule; e.g. 155 slices of
@@ -102,7 +106,15 @@ class PipelineSpec:
         object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
         object.__setattr__(self, "roi", tuple(int(r) for r in self.roi))
         object.__setattr__(self, "channels", tuple(self.channels))
-        object.__setattr__(self, "regions", tuple(self.regions))
+        task = get_task(self.task) if self.task else legacy_task(self.label_convention)
+        object.__setattr__(self, "task", task.name)
+        object.__setattr__(self, "regions", tuple(self.regions) or task.outputs)
+        if self.regions != task.outputs:
+            raise MedsegError(f"pipeline regions {list(self.regions)}: task {task.name} outputs "
+                              f"{list(task.outputs)}; the file was edited by hand or damaged")
+        problem = task_problem(task, self.label_convention)
+        if problem:
+            raise MedsegError(f"pipeline: {problem}")
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
             raise MedsegError(f"pipeline spacing {list(self.spacing)}: expected 3 positive values in mm")
         if len(self.roi) != 3 or min(self.roi) < 1:

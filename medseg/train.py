@@ -20,6 +20,7 @@ tensorboard package is installed), ``learning_curve.png`` (with matplotlib),
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import math
@@ -41,7 +42,7 @@ from torch import nn
 
 from medseg import __version__
 from medseg.config import experiment
-from medseg.data.folds import load_datalist
+from medseg.data.folds import datalist_task, load_datalist
 from medseg.data.io import atomic_path, write_json
 from medseg.data.patches import Augmenter, EpochSampler, PatchDataset, VolumeDataset
 from medseg.data.preprocessed import Store, ensure_store
@@ -49,7 +50,7 @@ from medseg.errors import MedsegError
 from medseg.grad_checkpoint import enable_grad_checkpoint
 from medseg.infer import autocast, cpu_bf16_native, predict_probs
 from medseg.pipeline import PipelineSpec
-from medseg.labels import CHANNELS, REGIONS, get_convention
+from medseg.labels import CHANNELS, REGIONS, Task, get_convention, get_task
 from medseg.losses import build_loss, check_loss, log_inverse_weights
 from medseg.metrics import score_case
 from medseg.models import missing_channels, network_from_spec, size_divisor, unet3d_outputs
@@ -74,6 +75,7 @@ class FoldData:
     channels: list[str]      # the files' channel order
     convention: str          # label convention name
     datalist: Path
+    task: str = ""           # BraTS task (`medseg.labels.TASKS`), resolved by `fold_data`
 
 
 def _abs(entry: dict, root: Path) -> dict:
@@ -85,10 +87,13 @@ def _abs(entry: dict, root: Path) -> dict:
     return out
 
 
-def fold_data(datalist: str | Path, data_root: str | Path, fold: int | None) -> FoldData:
+def fold_data(datalist: str | Path, data_root: str | Path, fold: int | None,
+              task: str | None = None) -> FoldData:
     """Training and validation cases of `fold` (validation = the cases with that fold
-    number). `fold=None` trains on every case and validates on none."""
+    number). `fold=None` trains on every case and validates on none. `task`: the
+    BraTS task (None: the datalist's, or detected: `datalist_task`)."""
     dl = load_datalist(datalist)
+    resolved, _ = datalist_task(dl, task, str(datalist))
     root = Path(data_root)
     if not root.is_dir():
         raise MedsegError(f"data root {root} is not a folder; pass --data-root (bundle: --data_root), "
@@ -105,7 +110,21 @@ def fold_data(datalist: str | Path, data_root: str | Path, fold: int | None) -> 
                           f"{entries[0]['id']}")
     train = [_abs(e, root) for e in entries if e["fold"] != fold]
     val = [_abs(e, root) for e in entries if e["fold"] == fold]
-    return FoldData(train, val, list(dl["channels"]), dl["label_convention"]["name"], Path(datalist))
+    return FoldData(train, val, list(dl["channels"]), dl["label_convention"]["name"], Path(datalist),
+                    resolved.name)
+
+
+def run_task(cfg: dict) -> Task:
+    """The experiment's task (``data.task``; None: gli2023's three regions, as before
+    tasks existed — training resolves it from the datalist first: `with_task`)."""
+    return get_task(cfg["data"].get("task") or "gli2023")
+
+
+def with_task(cfg: dict, task: str) -> dict:
+    """A copy of `cfg` with ``data.task`` set (what every builder then reads)."""
+    out = copy.deepcopy(cfg)
+    out["data"]["task"] = task
+    return out
 
 
 def _seed_all(seed: int) -> None:
@@ -127,7 +146,17 @@ def deep_supervised(cfg: dict) -> bool:
 
 def build_network(cfg: dict, training: bool = False) -> nn.Module:
     """The experiment's network; with `training`, with its deep-supervision heads."""
-    return network_from_spec(cfg["model"], deep_supervision=training and deep_supervised(cfg))
+    return network_from_spec(network_spec(cfg), deep_supervision=training and deep_supervised(cfg))
+
+
+def network_spec(cfg: dict) -> dict:
+    """``{"name", "args"}`` of the experiment's network, with ``out_channels`` set when
+    the task has other than three outputs (gli2024, ped2024: four)."""
+    n = len(run_task(cfg).outputs)
+    args = dict(cfg["model"]["args"])
+    if n != len(REGIONS):
+        args["out_channels"] = n
+    return {"name": cfg["model"]["name"], "args": args}
 
 
 def build_criterion(cfg: dict, code_weights: Sequence[float] | None = None) -> nn.Module:
@@ -151,11 +180,12 @@ def class_weights(cfg: dict, store: Store, case_ids: Sequence[str]) -> dict | No
     if cfg["train"]["loss"]["class_weights"] == "none":
         return None
     conv = get_convention(store.convention)
-    members = conv.region_labels()
-    counts = np.zeros(2 ** len(REGIONS), np.float64)
+    outputs = run_task(cfg).outputs
+    members = conv.region_labels(run_task(cfg))
+    counts = np.zeros(2 ** len(outputs), np.float64)
     code_of = {}
     for v in sorted(conv.allowed):
-        code_of[v] = sum(2 ** i for i, r in enumerate(REGIONS) if v in members[r])
+        code_of[v] = sum(2 ** i for i, r in enumerate(outputs) if v in members[r])
     for cid in case_ids:
         lab = np.asarray(store.label(cid))
         found = np.bincount(lab.ravel(), minlength=256)
@@ -168,7 +198,7 @@ def class_weights(cfg: dict, store: Store, case_ids: Sequence[str]) -> dict | No
     weights = log_inverse_weights(counts)
     classes = {}
     for code in np.flatnonzero(counts):
-        regions = [r for i, r in enumerate(REGIONS) if code >> i & 1]
+        regions = [r for i, r in enumerate(outputs) if code >> i & 1]
         name = "+".join(regions) if regions else "background"
         classes[name] = {"regions": regions, "voxels": int(counts[code]), "weight": float(weights[code])}
     return {"rule": "1 / ln(1.02 + count / max count)", "codes": weights.tolist(), "classes": classes}
@@ -265,7 +295,7 @@ def pipeline_spec(cfg: dict, convention: str) -> PipelineSpec:
     ``train.patch``, the ``infer`` values; written into every checkpoint."""
     inf = cfg["infer"]
     return PipelineSpec(spacing=tuple(cfg["data"]["spacing"]), roi=tuple(cfg["train"]["patch"]),
-                        label_convention=convention, overlap=float(inf["overlap"]),
+                        label_convention=convention, task=run_task(cfg).name, overlap=float(inf["overlap"]),
                         sw_batch_size=int(inf["sw_batch_size"]), blend=inf.get("blend", "gaussian"),
                         threshold=float(inf["threshold"]))
 
@@ -379,13 +409,14 @@ def _environment() -> dict:
 # ----------------------------------------------------------------------------- logging
 #: data_wait: the fraction of the epoch's training loop spent waiting for batches
 #: (the loader too slow for the device); gpu_mem_gb: peak GPU memory allocated.
-_CSV_FIELDS = (["epoch", "train_loss", "lr", "seconds", "data_wait", "gpu_mem_gb"]
-               + [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}" for r in REGIONS] + ["dice_mean"])
+def _csv_fields(regions=REGIONS) -> list[str]:
+    return (["epoch", "train_loss", "lr", "seconds", "data_wait", "gpu_mem_gb"]
+            + [f"dice_{r}" for r in regions] + [f"hd95_{r}" for r in regions] + ["dice_mean"])
 
 
-def _write_logs(history: list[dict], out_dir: Path, plot: bool = True) -> None:
+def _write_logs(history: list[dict], out_dir: Path, plot: bool = True, regions=REGIONS) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=_csv_fields(regions), extrasaction="ignore")
     w.writeheader()
     for row in history:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -403,7 +434,7 @@ def _write_logs(history: list[dict], out_dir: Path, plot: bool = True) -> None:
     ax[0].plot([h["epoch"] for h in history], [h["train_loss"] for h in history])
     ax[0].set(xlabel="epoch", ylabel="training loss", title="loss")
     val = [h for h in history if "dice_mean" in h]
-    for r in REGIONS:
+    for r in regions:
         ax[1].plot([h["epoch"] for h in val], [h[f"dice_{r}"] for h in val], marker="o", label=r)
     ax[1].set(xlabel="epoch", ylabel="Dice", title="validation Dice", ylim=(0, 1))
     ax[1].legend()
@@ -514,10 +545,11 @@ def _datasets(data: FoldData, cfg: dict, store_dir: Path, print_fn=print, share=
     aug = build_transforms(cfg, data.channels, data.convention, training=True)
     train_ids = [c["id"] for c in data.train]
     soft, teacher = soft_targets(cfg, data, store, store_dir, fold, device, print_fn, share)
+    task = run_task(cfg).name
     train_ds = PatchDataset(store, train_ids, cfg["train"]["patch"],
-                            *cfg["train"]["pos_neg"], aug, augment=not on_device, soft=soft)
+                            *cfg["train"]["pos_neg"], aug, augment=not on_device, soft=soft, task=task)
     train_ds.teacher = teacher
-    return train_ds, VolumeDataset(store, [c["id"] for c in data.val])
+    return train_ds, VolumeDataset(store, [c["id"] for c in data.val], task)
 
 
 def distilling(cfg: dict) -> bool:
@@ -618,7 +650,8 @@ def validate(model: nn.Module, val_ds, cfg: dict, device: torch.device, dd: "Dis
     validation cases; mean Dice and HD95 per region at the training spacing. Under
     DDP each rank validates every world-th case and the rows are gathered."""
     inf, n_max = cfg["infer"], cfg["train"]["val_max_cases"]
-    spec = pipeline_spec(cfg, "brats2023")      # windows and blending; the data is preprocessed already
+    task = run_task(cfg)
+    spec = pipeline_spec(cfg, task.convention)  # windows and blending; the data is preprocessed already
     rules = get_rules(DEFAULT_RULES)
     dd = dd or Dist()
     rows = []
@@ -628,16 +661,17 @@ def validate(model: nn.Module, val_ds, cfg: dict, device: torch.device, dd: "Dis
         probs = predict_probs([model], item[IMAGE], spec, cfg["train"]["amp"], device=device,
                               amp_dtype=cfg["train"]["amp_dtype"])
         ref = np.asarray(item[LABEL]) > 0.5
-        rows.append(score_case(probs.numpy() > inf["threshold"], ref, cfg["data"]["spacing"], rules))
+        rows.append(score_case(probs.numpy() > inf["threshold"], ref, cfg["data"]["spacing"], rules,
+                               regions=task.outputs))
     if dd.world > 1:
         gathered: list = [None] * dd.world
         dist.all_gather_object(gathered, rows)
         rows = [r for part in gathered for r in part]
     out = {}
-    for r in REGIONS:
+    for r in task.outputs:
         out[f"dice_{r}"] = float(np.mean([row[r]["dice"] for row in rows]))
         out[f"hd95_{r}"] = float(np.mean([row[r]["hd95"] for row in rows]))
-    out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in REGIONS]))
+    out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in task.outputs]))
     return out
 
 
@@ -700,9 +734,10 @@ def _start(cfg: dict, out_dir: Path, device: str | None, distributed: bool | Non
                           "continue it, or choose another --out")
     if resume and not last.exists():
         raise MedsegError(f"--resume: no checkpoint {last} to resume from; run without --resume")
-    data = fold_data(datalist, data_root, fold)
+    data = fold_data(datalist, data_root, fold, cfg["data"].get("task"))
     if not data.train:
         raise MedsegError(f"fold {fold}: no training cases in {datalist}")
+    cfg = with_task(cfg, data.task)
     return _Run(dev, dd, log, cfg, _amp_dtype(cfg, dev, log), data, out_dir, int(cfg["seed"]))
 
 
@@ -766,8 +801,9 @@ def _checkpoint_meta(run: _Run, fold: int | None) -> dict:
     """What every checkpoint says about its model: network, pipeline spec, labels, data."""
     cfg, tcfg = run.cfg, run.run_cfg["train"]
     return {
-        "network": {"name": cfg["model"]["name"], "args": dict(cfg["model"]["args"])},
-        "channels": list(CHANNELS), "regions": list(REGIONS), "label_convention": run.data.convention,
+        "network": network_spec(cfg),
+        "channels": list(CHANNELS), "regions": list(run_task(cfg).outputs), "task": run_task(cfg).to_dict(),
+        "label_convention": run.data.convention,
         "spacing": list(cfg["data"]["spacing"]), "roi": list(tcfg["patch"]),
         "pipeline": pipeline_spec(cfg, run.data.convention).to_dict(),
         "infer": dict(cfg["infer"], amp=tcfg["amp"], amp_dtype=tcfg["amp_dtype"]),
@@ -833,11 +869,13 @@ def _after_epoch(run: _Run, row: dict, history: list, best: float, parts: dict, 
         _save(state, ckpt_dir / "best.pt")
     _save(state, ckpt_dir / "last.pt")
     # The PNG costs about 0.2 s: redraw it when there is a new validation point.
-    _write_logs(history, run.out_dir, plot="dice_mean" in row or row["epoch"] == epochs)
+    _write_logs(history, run.out_dir, plot="dice_mean" in row or row["epoch"] == epochs,
+                regions=run_task(run.cfg).outputs)
     tb.log(row)
     done = row["epoch"]
     eta = (time.perf_counter() - t_start) / (done - start) * (epochs - done)
-    vals = "  ".join(f"{r} {row[f'dice_{r}']:.3f}" for r in REGIONS) if "dice_mean" in row else ""
+    vals = ("  ".join(f"{r} {row[f'dice_{r}']:.3f}" for r in run_task(run.cfg).outputs)
+            if "dice_mean" in row else "")
     if vals or done == start + 1 or sys.stderr.isatty():
         run.log(f"epoch {done:>3}/{epochs}  loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  "
                 f"{row['seconds']:.1f} s  ETA {eta / 60:.1f} min  {vals}".rstrip())
@@ -873,6 +911,7 @@ def train_fold(cfg: dict, datalist: str | Path, data_root: str | Path, fold: int
     (the bundle's multi_gpu_train.json) makes a launch without torchrun an error
     instead of a silent single-process run."""
     run = _start(cfg, Path(out_dir), device, distributed, resume, datalist, data_root, fold, print_fn)
+    cfg = run.cfg      # with data.task resolved
     tcfg, dd = run.run_cfg["train"], run.dd
     on_device = augment_on_device(cfg, run.dev)
     sampler, loader, val_ds, augmenter = _loader(run, cache_dir, on_device, fold)

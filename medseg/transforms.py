@@ -41,18 +41,19 @@ warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 
 
 class LabelsToRegionsd(MapTransform):
-    """`(1, X, Y, Z)` label map in `convention` → `(3, X, Y, Z)` float multi-hot TC/WT/ET."""
+    """`(1, X, Y, Z)` label map in `convention` → `(R, X, Y, Z)` float multi-hot regions of
+    `task`'s outputs (None: TC/WT/ET, the convention's legacy task)."""
 
-    def __init__(self, keys: KeysCollection, convention: str):
+    def __init__(self, keys: KeysCollection, convention: str, task: str | None = None):
         super().__init__(keys)
-        self.convention = convention
+        self.convention, self.task = convention, task
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
             lab = d[key]
             arr = lab.detach().cpu().numpy() if isinstance(lab, torch.Tensor) else np.asarray(lab)
-            regions = labels_to_regions(np.rint(arr[0]), self.convention).astype(np.float32)
+            regions = labels_to_regions(np.rint(arr[0]), self.convention, self.task).astype(np.float32)
             out = torch.as_tensor(regions)
             d[key] = MetaTensor(out, meta=lab.meta) if isinstance(lab, MetaTensor) else out
         return d
@@ -121,7 +122,7 @@ class RandModalityDropoutd(RandomizableTransform, MapTransform):
 
 def preprocessing(channels: Sequence[str], convention: str, spec: PipelineSpec | Sequence[float],
                   with_label: bool = True) -> Compose:
-    """Files → the model's space (`PreprocessCased`) → (with `with_label`) TC/WT/ET regions.
+    """Files → the model's space (`PreprocessCased`) → (with `with_label`) the spec's task's regions.
 
     `channels` names the image files' modalities in order (a subset of CHANNELS:
     the missing ones are filled); `spec` is the model's `PipelineSpec`, or just a
@@ -130,7 +131,7 @@ def preprocessing(channels: Sequence[str], convention: str, spec: PipelineSpec |
         spec = PipelineSpec(spacing=tuple(spec), roi=(1, 1, 1), label_convention=convention)
     steps = [PreprocessCased(channels, spec, with_label)]
     if with_label:
-        steps.append(LabelsToRegionsd(LABEL, convention))
+        steps.append(LabelsToRegionsd(LABEL, convention, spec.task))
     return Compose(steps)
 
 

@@ -249,19 +249,20 @@ def case_score(scores: dict[str, float]) -> float:
 
 def uncertainty_record(u: np.ndarray, regions: np.ndarray, probs: np.ndarray, voxel_ml: float,
                        threshold: float | None, statistic: str = STATISTIC,
-                       members: int | None = None) -> dict:
-    """A case's ``uncertainty`` record (``predictions.json``) from its `(3, X, Y, Z)`
-    voxel map `u`, post-processed TC/WT/ET `regions` and mean probabilities `probs`:
+                       members: int | None = None, names: Sequence[str] = REGIONS) -> dict:
+    """A case's ``uncertainty`` record (``predictions.json``) from its `(R, X, Y, Z)`
+    voxel map `u`, post-processed `regions` (named `names`, the model's outputs) and
+    mean probabilities `probs`:
     {"score": {region: float}, "case_score": float, "review": bool, "threshold":
     float | None, "statistic", "members", "lesions": {region: [...]}}. Without a
     threshold nothing is flagged (``review`` false, ``threshold`` null)."""
-    score = {r: region_score(u[i], regions[i], probs[i]) for i, r in enumerate(REGIONS)}
+    score = {r: region_score(u[i], regions[i], probs[i]) for i, r in enumerate(names)}
     case = case_score(score)
     return {"score": score, "case_score": case,
             "review": bool(threshold is not None and case >= threshold),
             "threshold": None if threshold is None else float(threshold),
             "statistic": statistic, "case_score_method": CASE_SCORE, "members": members,
-            "lesions": {r: lesion_scores(u[i], regions[i], voxel_ml) for i, r in enumerate(REGIONS)}}
+            "lesions": {r: lesion_scores(u[i], regions[i], voxel_ml) for i, r in enumerate(names)}}
 
 
 def _cases(scores: Sequence[float], dice: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

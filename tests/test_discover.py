@@ -139,7 +139,8 @@ def _edit_labels(path, edit) -> bool:
 ALL_3_TO_4 = {i: {3: 4} for i in range(6)}
 COHORT_TABLE = [
     ("gli_1234", {}, {5: RC}, None, "brats2024"),
-    ("ped_1234", {"*": "BraTS-PED"}, {5: RC}, None, ("cystic component", [5], [0, 1])),
+    # a PED-only dataset with label 4: BraTS 2024 PED labels (1 ET, 2 NET, 3 CC, 4 ED)
+    ("ped_1234", {"*": "BraTS-PED"}, {5: RC}, None, "brats2024-ped"),
     ("men_1234", {"*": "BraTS-MEN"}, {5: RC}, None, ("MEN labels are 1-3", [5], [0])),
     ("met_123", {"*": "BraTS-MET"}, {}, None, "brats2023"),
     ("ssa_123", {"*": "BraTS-SSA"}, {}, None, "brats2023"),

@@ -87,5 +87,5 @@ def test_validate_labels_accepts_own_values(name):
 
 
 def test_unknown_convention_lists_names():
-    with pytest.raises(MedsegError, match="brats2021, brats2023, brats2024, msd"):
+    with pytest.raises(MedsegError, match="brats2021, brats2023, brats2024, brats2024-ped, msd"):
         get_convention("brats2020")

@@ -267,10 +267,19 @@ def _label4_outside_gli(scans: list[LabelScan]) -> list[LabelScan]:
     return [s for s in scans if 4 in s.values and brats_cohort(s.case_id) != "GLI"]
 
 
+def _paediatric_2024(scans: list[LabelScan]) -> bool:
+    """Every case is a PED case (``BraTS-PED-...``) and some hold label 4: BraTS 2024
+    PED labels (1 ET, 2 NET, 3 CC, 4 ED); BraTS 2023 PED used 1-3 as GLI does."""
+    return (bool(scans) and all(brats_cohort(s.case_id) == "PED" for s in scans)
+            and any(4 in s.values for s in scans))
+
+
 def likely_convention(layout: Layout, found: set[float], scans: list[LabelScan]) -> str:
     """BraTS 2023 names with both 3 and 4 are BraTS 2024 GLI post-treatment data,
     unless `scans` show label 4 in a case outside the GLI cohort (then ``brats2023``,
     against which such cases fail)."""
+    if layout.convention == "brats2023" and 4 in found and _paediatric_2024(scans):
+        return "brats2024-ped"
     if layout.convention == "brats2023" and 4 in found and 3 in found:
         if not _label4_outside_gli(scans):
             return "brats2024"
@@ -288,9 +297,10 @@ def detect_convention(dataset: Dataset, scans: list[LabelScan]) -> LabelConventi
 
     BraTS 2023 names with label 4 are BraTS 2024 GLI post-treatment data (4 =
     resection cavity), recognised as ``brats2024`` only when every case holding
-    4 is a GLI case (``BraTS-GLI-...``) and ET (3) also occurs. Label 4 elsewhere
-    is an error naming the cases: BraTS 2024 PED uses 1-4 with other meanings
-    (1 ET, 2 NET, 3 cystic component, 4 edema), MEN/MET/SSA/GoAT use 1-3. Label 4
+    4 is a GLI case (``BraTS-GLI-...``) and ET (3) also occurs. A dataset of PED
+    cases only (``BraTS-PED-...``) with label 4 is BraTS 2024 PED
+    (``brats2024-ped``: 1 ET, 2 NET, 3 cystic component, 4 edema). Label 4
+    elsewhere is an error naming the cases (MEN/MET/SSA/GoAT use 1-3). Label 4
     without any 3 looks like BraTS 2021 labels under new names; reading it as RC
     would silently empty ET, so that is an error too. Each error suggests
     ``--convention``, which skips this detection.
@@ -299,7 +309,7 @@ def detect_convention(dataset: Dataset, scans: list[LabelScan]) -> LabelConventi
     for s in scans:
         found.update(s.values)
     where = f"{dataset.root} ({dataset.layout.name} layout)"
-    if dataset.layout.convention == "brats2023" and 4 in found:
+    if dataset.layout.convention == "brats2023" and 4 in found and not _paediatric_2024(scans):
         odd = _label4_outside_gli(scans)
         if odd:
             b23 = get_convention("brats2023")

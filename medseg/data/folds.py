@@ -22,7 +22,7 @@ from medseg import __version__
 from medseg.data.discover import Case, Dataset, LabelScan
 from medseg.data.io import write_json
 from medseg.errors import DataError, MedsegError
-from medseg.labels import REGIONS, LabelConvention
+from medseg.labels import REGIONS, LabelConvention, Task, brats_cohort, detect_task, get_task, task_problem
 
 __all__ = ["assign_folds", "build_datalist", "write_datalist", "load_datalist"]
 
@@ -167,3 +167,21 @@ def load_datalist(path: str | Path) -> dict:
         if key not in dl:
             raise DataError(f"{path}: datalist has no '{key}' key; create it with `medseg data split`")
     return dl
+
+
+def datalist_task(dl: dict, task: str | None = None, source: str = "datalist") -> tuple[Task, str]:
+    """The BraTS task of a datalist's cases → (task, why): `task` when given (``--task``,
+    ``data.task``), else the datalist's ``task`` key (``medseg data split --task``), else
+    detected from its label convention and the cohorts its case ids name
+    (`medseg.labels.detect_task`). Labels the task cannot learn from are an error."""
+    conv = dl["label_convention"]["name"]
+    if task:
+        t, why = get_task(task), "chosen (--task / data.task)"
+    elif dl.get("task"):
+        t, why = get_task(dl["task"]), f"recorded in {source}"
+    else:
+        t, why = detect_task(conv, [brats_cohort(e["id"]) for e in dl["training"]])
+    problem = task_problem(t, conv)
+    if problem:
+        raise DataError(f"{source}: {problem}")
+    return t, why

@@ -20,7 +20,7 @@ from typing import Iterator
 import nibabel as nib
 import numpy as np
 
-from medseg.errors import DataError
+from medseg.errors import DataError, MedsegError
 from medseg.labels import get_convention
 
 __all__ = [
@@ -177,9 +177,12 @@ def write_label_map(labels: np.ndarray, ref: nib.Nifti1Image, target: Path, conv
 
 
 def write_region_maps(maps: np.ndarray, ref: nib.Nifti1Image, target: Path, descrip: str,
-                      cal: tuple[float, float] = (0.0, 1.0)) -> None:
-    """`(3, X, Y, Z)` float maps of TC/WT/ET (probabilities, uncertainty) → one 4D
-    float32 image (X, Y, Z, 3) on `ref`'s grid (its geometry only), display range
-    `cal`, ``descrip`` followed by "TC,WT,ET", written atomically."""
+                      cal: tuple[float, float] = (0.0, 1.0),
+                      regions: tuple[str, ...] = ("TC", "WT", "ET")) -> None:
+    """`(R, X, Y, Z)` float maps of the model's `regions` (probabilities, uncertainty) →
+    one 4D float32 image (X, Y, Z, R) on `ref`'s grid (its geometry only), display
+    range `cal`, ``descrip`` followed by the region names ("TC,WT,ET"), written atomically."""
+    if len(maps) != len(regions):
+        raise MedsegError(f"internal error: {len(maps)} maps for the regions {list(regions)}")
     write_nifti(np.ascontiguousarray(np.moveaxis(maps, 0, -1), dtype=np.float32), ref.affine,
-                Path(target), header=ref.header, cal=cal, descrip=f"{descrip} TC,WT,ET")
+                Path(target), header=ref.header, cal=cal, descrip=f"{descrip} {','.join(regions)}")

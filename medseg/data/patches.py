@@ -66,12 +66,14 @@ class Augmenter:
     the GPU resamples and perturbs it in milliseconds). The sample's seed fixes
     every draw, so both places give the same augmentation (the same numbers on CPU)."""
 
-    def __init__(self, augmentation: Compose | None, convention: str, soft_weight: float = 0.0):
+    def __init__(self, augmentation: Compose | None, convention: str, soft_weight: float = 0.0,
+                 task: str | None = None):
         self.augmentation = augmentation
         #: Distillation: the target is (1 - w) · regions + w · the teacher's probabilities.
         self.soft_weight = float(soft_weight)
-        # label value → its TC/WT/ET membership (labels_to_regions as a lookup table)
-        self.lut = np.ascontiguousarray(labels_to_regions(np.arange(256), convention).astype(np.float32))  # (3, 256)
+        # label value → its membership of the task's output regions (labels_to_regions as a
+        # lookup table, (R, 256); `task` None: TC/WT/ET, the convention's legacy task)
+        self.lut = np.ascontiguousarray(labels_to_regions(np.arange(256), convention, task).astype(np.float32))
         self._lut_dev: dict[str, torch.Tensor] = {}
 
     def regions(self, label: torch.Tensor) -> torch.Tensor:
@@ -124,13 +126,13 @@ class PatchDataset(Dataset):
     "seed": the sample's seed} for `Augmenter.batch` on the training device."""
 
     def __init__(self, store: Store, case_ids: Sequence[str], patch: Sequence[int], pos: float, neg: float,
-                 augmentation: Compose | None, augment: bool = True, soft=None):
+                 augmentation: Compose | None, augment: bool = True, soft=None, task: str | None = None):
         self.store, self.case_ids = store, list(case_ids)
         self.patch = tuple(int(p) for p in patch)
         self.p_pos = pos / (pos + neg) if pos + neg > 0 else 0.0
         #: `medseg.teacher.SoftTargets` (distillation) or None.
         self.soft = soft
-        self.augmenter = Augmenter(augmentation, store.convention, soft.weight if soft is not None else 0.0)
+        self.augmenter = Augmenter(augmentation, store.convention, soft.weight if soft is not None else 0.0, task)
         self.augment = augment
 
     def __len__(self) -> int:
@@ -195,8 +197,8 @@ class VolumeDataset(Dataset):
     """Whole preprocessed cases for validation: ``dataset[i]`` → {"image": (4, X, Y, Z)
     float32, "label": (3, X, Y, Z) float32 TC/WT/ET}."""
 
-    def __init__(self, store: Store, case_ids: Sequence[str]):
-        self.store, self.case_ids = store, list(case_ids)
+    def __init__(self, store: Store, case_ids: Sequence[str], task: str | None = None):
+        self.store, self.case_ids, self.task = store, list(case_ids), task
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -204,7 +206,7 @@ class VolumeDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         case_id = self.case_ids[i]
         image = torch.from_numpy(np.asarray(self.store.image(case_id), dtype=np.float32))
-        regions = labels_to_regions(self.store.label(case_id, mmap=False), self.store.convention)
+        regions = labels_to_regions(self.store.label(case_id, mmap=False), self.store.convention, self.task)
         return {"id": case_id, IMAGE: image, LABEL: torch.from_numpy(regions.astype(np.float32))}
 
 

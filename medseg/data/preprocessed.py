@@ -109,7 +109,16 @@ def store_settings(spacing: Sequence[float], channels: Sequence[str], convention
     version), the files' channel order and label convention, the on-disk form."""
     return {"store_version": STORE_VERSION, "pipeline": store_spec(spacing, convention).preprocessing(),
             "file_channels": list(channels), "convention": convention,
-            "image_dtype": np.dtype(IMAGE_DTYPE).name}
+            "image_dtype": np.dtype(IMAGE_DTYPE).name, **_foreground(convention)}
+
+
+def _foreground(convention: str) -> dict:
+    """``{"foreground": values}`` where the over-sampled values include a non-tumour
+    class (brats2024 RC, since tasks): stores built before hold no RC locations, so
+    their key differs; other conventions' settings (and keys) are unchanged."""
+    from medseg.labels import get_convention
+    conv = get_convention(convention)
+    return {"foreground": tumour_labels(convention)} if conv.outside_regions else {}
 
 
 def store_key(settings: dict) -> str:
@@ -118,10 +127,10 @@ def store_key(settings: dict) -> str:
 
 
 def tumour_labels(convention: str) -> list[int]:
-    """Label values that belong to a region (TC, WT or ET): the values patches are
-    over-sampled on (brats2024's resection cavity is not one)."""
+    """Label values patches are over-sampled on: every non-background value (the
+    tumour classes, and brats2024's resection cavity, which task gli2024 learns)."""
     from medseg.labels import get_convention
-    return sorted({v for vals in get_convention(convention).region_labels().values() for v in vals})
+    return sorted(v for v in get_convention(convention).allowed if v != 0)
 
 
 def _crc(path: Path, chunk: int = 1 << 24) -> int:
