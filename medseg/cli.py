@@ -354,7 +354,7 @@ def _cmd_export(a) -> int:
 
 def _cmd_report(a) -> int:
     from medseg.report import make_report
-    page = make_report(a.pred, a.images, a.out, a.ref, a.convention)
+    page = make_report(a.pred, a.images, a.out, a.ref, a.convention, task=a.task)
     print(f"report: {page}")
     return 0
 
@@ -744,6 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--ref", help="optional: data root with labels, or folder of reference masks")
     rp.add_argument("--out", required=True, help="folder for index.html and the PNGs")
     rp.add_argument("--convention", choices=list(CONVENTIONS))
+    rp.add_argument("--task", choices=list(TASKS),
+                    help="BraTS task (default: the model's, from --pred's predictions.json)")
     rp.set_defaults(func=_cmd_report)
 
     d = sub.add_parser("demo", help="synthetic data → check → split → 5-fold CV (cpu preset)")

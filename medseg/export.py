@@ -40,7 +40,7 @@ from medseg.data.synth import FOV_MM, render_case
 from medseg.errors import MedsegError
 from medseg.engine import ensemble_problem, with_spec
 from medseg.infer import load_model
-from medseg.labels import CHANNELS, REGIONS, get_convention
+from medseg.labels import CHANNELS, get_convention, get_task
 from medseg.metrics import dice
 from medseg.models import size_divisor
 from medseg.pipeline import PipelineSpec, preprocess, read_case, zscore
@@ -175,7 +175,7 @@ def _cv_scores(model_dir: Path | None) -> dict | None:
     rules = s.get("rules", "brats21")
     return {r: {"rules": rules, **{m: s["overall"][r][m]["mean"] for m in
                                    ("dice", "hd95", "lesion_dice", "lesion_hd95")
-                                   if m in s["overall"][r]}} for r in REGIONS}
+                                   if m in s["overall"][r]}} for r in s["overall"]}
 
 
 #: Written by benchmarks/student_inference.py: the cheapest overlap / TTA that keeps the accuracy.
@@ -232,20 +232,23 @@ def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
         blank[:, [CHANNELS.index("t1ce"), CHANNELS.index("t2")]] = spec.missing_fill
         x = torch.cat([x, blank])
     conv = get_convention(meta["label_convention"])
+    task = get_task(spec.task)
     info = {
         "format": FORMAT,
         "medseg_version": __version__,
         "input": "(B, 4, D, H, W) float32: the window of a case brought into the model's space as "
                  "'pipeline' says (medseg.pipeline.preprocess)",
-        "output": "(B, K, 3, D, H, W) float32 logits for 'regions' of each of the K = 'folds' "
-                  "models",
+        "output": f"(B, K, {len(task.outputs)}, D, H, W) float32 logits for 'regions' of each of the "
+                  "K = 'folds' models",
         "pipeline": spec.to_dict(),
-        "channels": list(CHANNELS), "regions": list(REGIONS),
+        "channels": list(CHANNELS), "regions": list(task.outputs), "task": task.to_dict(),
         "size_divisor": size_divisor(meta["network"]["name"], **meta["network"]["args"]),
-        "label_convention": conv.name, "region_labels": conv.region_labels(),
-        "labels_from_regions": "precedence ET > TC > WT: ET → et label; TC only → ncr label; "
-                               "WT only → ed label",
-        "label_values": {"ed": conv.ed, "ncr": conv.ncr, "et": conv.et},
+        "label_convention": conv.name, "region_labels": conv.region_labels(task),
+        "labels_from_regions": "painted in this order, later wins: " + ", ".join(
+            f"{r} → {c} ({conv.value(c)})" for r, c in task.paint),
+        "label_values": {c.lower(): v for c, v in
+                         (("ED", conv.ed), ("NCR", conv.ncr), ("ET", conv.et), ("RC", conv.value("RC")),
+                          ("CC", conv.value("CC"))) if v is not None},
         "network": meta["network"], "folds": len(checkpoints),
         "modality_dropout": float(meta.get("modality_dropout", 0.0)),
         "input_subsets": meta.get("input_subsets", "all four: " + ", ".join(CHANNELS)),
@@ -289,7 +292,7 @@ def export_onnx(checkpoints: Sequence[Path], out: str | Path, opset: int = 17,
             want = _probabilities(net(x).numpy())
         diff = float(np.abs(got - want).max())
         thr = spec.threshold
-        d = {r: _agreement(got[:, i] > thr, want[:, i] > thr) for i, r in enumerate(REGIONS)}
+        d = {r: _agreement(got[:, i] > thr, want[:, i] > thr) for i, r in enumerate(task.outputs)}
         report = {"max_abs_diff": diff, "dice": d}
         max_diff, min_dice = TOLERANCE[precision]
         what = f"{tuple(x.shape[1:])} synthetic patch" + (", with all modalities and without t1ce, t2"

@@ -181,10 +181,11 @@ def predict_all(engine: "Engine", cases: list[InputCase], out_dir: str | Path,
                           f"{engine.members()}: turn on mirror TTA (--tta) or give several fold models")
     targets = [_targets(c, out_dir, probabilities, uncertainty, viewer_files) for c in cases]
     check_modalities(cases, engine.meta, ", ".join(engine.sources))
-    conv, why = output_convention(cases, convention, engine.spec.label_convention)
+    conv, why = output_convention(cases, convention, engine.spec.label_convention, engine.spec.task)
     print_fn(f"labels: {conv} (from {why})")
     post = engine.postprocessing()
-    run = {"label_convention": conv, "convention_source": why, "engine": engine.engine,
+    run = {"label_convention": conv, "convention_source": why, "task": engine.spec.task,
+           "regions": list(engine.spec.regions), "engine": engine.engine,
            "model": engine.sources, "model_label_convention": engine.spec.label_convention,
            "mirror_tta": engine.mirror, "members": engine.members(), "probabilities": probabilities,
            "postprocessing": post, "min_component_ml": engine.spec.min_component_ml,
@@ -203,7 +204,8 @@ def predict_all(engine: "Engine", cases: list[InputCase], out_dir: str | Path,
         affine = load_header(outs[0]).affine        # the grid as viewers read the mask
         if viewer_files:
             write_viewer_files(labels, affine, conv, outs[-2:])
-        return {"volumes": case_volumetry(labels, affine, conv, str(outs[0])), **extra, **(case.record or {})}
+        return {"volumes": case_volumetry(labels, affine, conv, str(outs[0]), task=engine.spec.task), **extra,
+                **(case.record or {})}
 
     res = run_batch(cases, out_dir, input_root, targets, overwrite, run,
                     with_dicom(one, out_dir, conv, engine.describe(), engine.engine), print_fn, shard=shard)
@@ -217,7 +219,8 @@ def predict_all(engine: "Engine", cases: list[InputCase], out_dir: str | Path,
     viewers = ("; viewer files: <case>.seg.nrrd (3D Slicer), <case>.itksnap.txt (ITK-SNAP)"
                if viewer_files else "")
     if shard is None:       # a shard's volumes: in its manifest; the gathering run writes the CSV
-        write_batch_volumes(out_dir, [(c.case_id, t[0]) for c, t in zip(cases, targets)], conv)
+        write_batch_volumes(out_dir, [(c.case_id, t[0]) for c, t in zip(cases, targets)], conv,
+                            engine.spec.task)
         print_fn(f"volumes: {out_dir / VOLUMES_CSV}{viewers}")
     else:
         print_fn(f"volumes: in this shard's manifest; the run without --shard gathers them into "

@@ -34,16 +34,16 @@ from medseg.data.inputs import read_manifest
 from medseg.data.io import atomic_path, load_array, load_header
 from medseg.errors import MedsegError
 from medseg.evaluate import evaluate_case, references
-from medseg.labels import CLASS_COLOURS, CLASS_NAMES, REGIONS, get_convention, labels_to_regions
+from medseg.labels import CLASS_COLOURS, CLASS_NAMES, REGIONS, detect_task, get_convention, get_task
 from medseg.metrics import mean_iou
 from medseg.scoring import DEFAULT_RULES, get_rules
 from medseg.volumetry import case_volumetry
 
 __all__ = ["make_report", "REGION_COLOURS", "legend"]
 
-#: RGBA overlay colours of edema (WT only), necrosis/NET (TC without ET) and
-#: enhancing tumour (ET): medseg's one colour table, half transparent.
-REGION_COLOURS = {k: (*(c / 255 for c in CLASS_COLOURS[k]), 0.55) for k in ("ED", "NCR", "ET")}
+#: RGBA overlay colour of each class (edema, necrosis/NET, enhancing tumour, resection
+#: cavity, cystic component): medseg's one colour table, half transparent.
+REGION_COLOURS = {k: (*(c / 255 for c in v), 0.55) for k, v in CLASS_COLOURS.items()}
 
 
 def legend(fig, classes=("NCR", "ED", "ET")) -> None:
@@ -61,13 +61,11 @@ def _canonical(arr: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return nib.orientations.apply_orientation(arr, ornt)
 
 
-def _overlay(regions: np.ndarray) -> np.ndarray:
-    """`(3, X, Y)` TC/WT/ET slice → `(X, Y, 4)` RGBA."""
-    tc, wt, et = regions
-    rgba = np.zeros((*tc.shape, 4), np.float32)
-    rgba[wt & ~tc] = REGION_COLOURS["ED"]
-    rgba[tc & ~et] = REGION_COLOURS["NCR"]
-    rgba[et] = REGION_COLOURS["ET"]
+def _overlay(labels: np.ndarray, conv) -> np.ndarray:
+    """`(X, Y)` label slice in `conv` → `(X, Y, 4)` RGBA, each class in its colour."""
+    rgba = np.zeros((*labels.shape, 4), np.float32)
+    for v, cls in conv.classes().items():
+        rgba[labels == v] = REGION_COLOURS[cls]
     return rgba
 
 
@@ -79,30 +77,32 @@ def _slices(vol: np.ndarray, c: tuple[int, int, int]) -> list[np.ndarray]:
 
 
 def _case_png(images: dict[str, np.ndarray], rows: list[tuple[str, np.ndarray]], target: Path,
-              title: str) -> None:
+              title: str, conv) -> None:
+    """Slices of `images` through the lesion's centre with each row's `(X, Y, Z)` label
+    map (prediction, reference) drawn over them in the class colours of `conv`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    wt = rows[0][1][1]
+    wt = rows[0][1] > 0
     c = tuple(int(v) for v in np.argwhere(wt).mean(0)) if wt.any() else \
         tuple(s // 2 for s in wt.shape)
     names = list(images)
     fig, axes = plt.subplots(len(rows) * len(names), 3, figsize=(9, 3 * len(rows) * len(names)),
                              squeeze=False)
-    for r, (label, regions) in enumerate(rows):
-        ov = _slices(regions, c)
+    for r, (label, labels) in enumerate(rows):
+        ov = _slices(labels, c)
         for m, name in enumerate(names):
             img = images[name]
             lo, hi = np.percentile(img[img > 0], (1, 99.5)) if (img > 0).any() else (0, 1)
             for j, (sl, view) in enumerate(zip(_slices(img, c), ("axial", "coronal", "sagittal"))):
                 ax = axes[r * len(names) + m, j]
                 ax.imshow(sl, cmap="gray", vmin=lo, vmax=hi)
-                ax.imshow(_overlay(ov[j]))
+                ax.imshow(_overlay(ov[j], conv))
                 ax.set_title(f"{label}: {name} {view}", fontsize=8)
                 ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    legend(fig)
+    legend(fig, tuple(dict.fromkeys(conv.classes().values())))
     with atomic_path(target) as tmp:
         fig.savefig(tmp, dpi=72, format="png")
     plt.close(fig)
@@ -110,11 +110,11 @@ def _case_png(images: dict[str, np.ndarray], rows: list[tuple[str, np.ndarray]],
 
 def make_report(pred: str | Path, images: str | Path, out: str | Path,
                 ref: str | Path | None = None, convention: str | None = None,
-                rules: str = DEFAULT_RULES) -> Path:
+                rules: str | None = None, task: str | None = None) -> Path:
     """Write ``out/index.html`` and one PNG per predicted case (Dice, IoU with the
-    case's mean IoU, and HD95 scored under the rule set `rules`, named on the page);
-    returns the HTML path."""
-    get_rules(rules)
+    case's mean IoU, and HD95 scored under the rule set `rules`, named on the page) on
+    the regions of `task` (default: the model's, recorded in ``predictions.json``, else
+    the task the labels detect; `rules` None: the task's); returns the HTML path."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -130,6 +130,11 @@ def make_report(pred: str | Path, images: str | Path, out: str | Path,
         from medseg.data.discover import resolve_convention
         conv = resolve_convention(ds)[0].name if ds.training else \
             {"brats2021": "brats2021", "msd": "msd"}.get(ds.layout.name, "brats2023")
+    task = task or (manifest.get("run") or {}).get("task") or detect_task(conv)[0].name
+    t = get_task(task)
+    rules = rules or t.rules
+    get_rules(rules)
+    cv = get_convention(conv)
     chans = list(ds.layout.channels)
     cases = [c for c in ds.cases if (pred / f"{c.case_id}.nii.gz").is_file()]
     missing = dict(manifest.get("missing_modalities") or {})
@@ -141,8 +146,8 @@ def make_report(pred: str | Path, images: str | Path, out: str | Path,
         mask_path = pred / f"{case.case_id}.nii.gz"
         mimg = load_header(mask_path)
         labels = load_array(mask_path, mimg)
-        volumes = case_volumetry(labels, mimg.affine, conv, str(mask_path))
-        regions = labels_to_regions(labels, conv)
+        volumes = case_volumetry(labels, mimg.affine, conv, str(mask_path), task=t)
+        regions = labels[None]
         record = records.get(case.case_id) or {}
         raw = record.get("raw") if isinstance(record, dict) and isinstance(record.get("raw"), dict) else None
         shown = {}
@@ -164,19 +169,19 @@ def make_report(pred: str | Path, images: str | Path, out: str | Path,
                 shown = {native[0]: _canonical(native[1], mimg.affine)}
                 break
             shown[name.upper()] = _canonical(arr, mimg.affine)
-        rows = [("prediction", np.stack([_canonical(r, mimg.affine) for r in regions]))]
+        rows = [("prediction", _canonical(labels, mimg.affine))]
         metrics = None
         if case.case_id in refs:
-            rreg = labels_to_regions(load_array(refs[case.case_id], dtype=np.int16), conv)
-            rows.append(("reference", np.stack([_canonical(r, mimg.affine) for r in rreg])))
-            metrics = evaluate_case(mask_path, refs[case.case_id], conv, rules)
+            rlab = load_array(refs[case.case_id], dtype=np.int16)
+            rows.append(("reference", _canonical(rlab, mimg.affine)))
+            metrics = evaluate_case(mask_path, refs[case.case_id], conv, rules, t)
         png = out / f"{case.case_id}.png"
-        _case_png(shown, rows, png, case.case_id)
+        _case_png(shown, rows, png, case.case_id, cv)
         table.append({"id": case.case_id, "volumes": volumes, "metrics": metrics, "png": png.name,
                       "missing": missing.get(case.case_id, []),
                       "uncertainty": record.get("uncertainty") if isinstance(record, dict) else None,
                       "raw": _raw_entry(raw, pred, out, case.case_id) if raw else None})
-    return _write_html(table, out, conv, bool(refs), rules)
+    return _write_html(table, out, conv, bool(refs), rules, t)
 
 
 def _native_reference(raw: dict, pred: Path, case_id: str,
@@ -267,7 +272,7 @@ def _legend_html(conv: str) -> str:
     the `--viewer-files` too)."""
     c = get_convention(conv)
     items = [f"<li>{_swatch(cls)}<b>{html.escape(c.names[v])}</b> (label {v}): "
-             f"{html.escape(CLASS_NAMES[cls])}{'' if cls in REGION_COLOURS else ', not drawn: no region'}</li>"
+             f"{html.escape(CLASS_NAMES[cls])}</li>"
              for v, cls in c.classes().items()]
     return f"<ul class='legend'>{''.join(items)}</ul>"
 
@@ -287,7 +292,7 @@ def _uncertainty_cells(u) -> tuple[str, bool]:
     if not isinstance(u, dict):
         return "<td>–</td><td>–</td>", False
     per = u.get("score") if isinstance(u.get("score"), dict) else {}
-    detail = " · ".join(f"{r} {_fmt(per.get(r), '.3f')}" for r in REGIONS if r in per)
+    detail = " · ".join(f"{r} {_fmt(v, '.3f')}" for r, v in per.items())
     cell = f"<td>{_fmt(u.get('case_score'), '.3f')}<div class='sub'>{detail}</div></td>"
     thr = _num(u.get("threshold"))
     title = f" title='review when the case score is ≥ {thr:.3f}'" if thr is not None else ""
@@ -305,21 +310,22 @@ def _review(e: dict) -> bool:
     return _uncertainty_cells(e["uncertainty"])[1] or bool((e.get("raw") or {}).get("review"))
 
 
-def _row(e: dict, names: list[str], with_ref: bool, with_raw: bool = False) -> str:
+def _row(e: dict, names: list[str], with_ref: bool, with_raw: bool = False, task=None) -> str:
     vol, m = e["volumes"], e["metrics"]
+    outputs, scored = (task.outputs, task.scored) if task is not None else (REGIONS, REGIONS)
     big = vol["largest"]["WT"]
     cells = "".join(f"<td>{vol['labels'][n]:.2f}</td>" for n in names)
-    cells += "".join(f"<td>{vol['regions'][r]:.2f}</td>" for r in REGIONS)
-    cells += "".join(f"<td>{vol['lesions'][r]}</td>" for r in REGIONS)
+    cells += "".join(f"<td>{vol['regions'][r]:.2f}</td>" for r in outputs)
+    cells += "".join(f"<td>{vol['lesions'][r]}</td>" for r in outputs)
     cells += ("<td>–</td>" if big is None else
               "<td>" + " × ".join(f"{v:.0f}" for v in big["extent_mm"]) + "</td>")
     unc, _ = _uncertainty_cells(e["uncertainty"])
     cells += unc
     if with_ref:
-        cells += "".join(f"<td>{m[r]['dice']:.3f}</td>" if m else "<td>–</td>" for r in REGIONS)
-        cells += "".join(f"<td>{m[r]['iou']:.3f}</td>" if m else "<td>–</td>" for r in REGIONS)
-        cells += f"<td>{mean_iou(m):.3f}</td>" if m else "<td>–</td>"
-        cells += "".join(f"<td>{m[r]['hd95']:.1f}</td>" if m else "<td>–</td>" for r in REGIONS)
+        cells += "".join(f"<td>{_fmt(m[r]['dice'], '.3f')}</td>" if m else "<td>–</td>" for r in scored)
+        cells += "".join(f"<td>{_fmt(m[r]['iou'], '.3f')}</td>" if m else "<td>–</td>" for r in scored)
+        cells += f"<td>{_fmt(mean_iou(m), '.3f')}</td>" if m else "<td>–</td>"
+        cells += "".join(f"<td>{_fmt(m[r]['hd95'], '.1f')}</td>" if m else "<td>–</td>" for r in scored)
     cells += f"<td>{html.escape(', '.join(e['missing'])) or '–'}</td>"
     if with_raw:
         cells += _raw_cell(e.get("raw"))
@@ -327,21 +333,25 @@ def _row(e: dict, names: list[str], with_ref: bool, with_raw: bool = False) -> s
     return f"<tr{' class=flagged' if _review(e) else ''}><td><a href='#{cid}'>{cid}</a></td>{cells}</tr>"
 
 
-def _write_html(table: list[dict], out: Path, conv: str, with_ref: bool, rules: str = DEFAULT_RULES) -> Path:
+def _write_html(table: list[dict], out: Path, conv: str, with_ref: bool, rules: str = DEFAULT_RULES,
+                task=None) -> Path:
     c = get_convention(conv)
+    task = task if task is not None else detect_task(conv)[0]
+    no, ns = len(task.outputs), len(task.scored)
     names = [c.names[v] for v in c.classes()]
     raws = [e["raw"] for e in table if e.get("raw")]
-    groups = [("volume per label, mL", len(names)), ("volume per region, mL", 3),
-              ("lesions (26-connected)", 3), ("largest WT lesion, mm", 1), ("uncertainty", 1),
-              ("review", 1)] + ([("Dice", 3), ("IoU", 4), ("HD95, mm", 3)] if with_ref else []) + [("predicted without", 1)] \
+    groups = [("volume per label, mL", len(names)), ("volume per region, mL", no),
+              ("lesions (26-connected)", no), ("largest WT lesion, mm", 1), ("uncertainty", 1),
+              ("review", 1)] + ([("Dice", ns), ("IoU", ns + 1), ("HD95, mm", ns)] if with_ref else []) \
+        + [("predicted without", 1)] \
         + ([("raw study", 1)] if raws else [])
     top = "<th rowspan=2>case</th>" + "".join(f"<th colspan={n}>{g}</th>" for g, n in groups)
     sub = "".join(f"<th>{_swatch(cls)}{html.escape(c.names[v])}</th>" for v, cls in c.classes().items())
-    sub += "".join(f"<th>{r}</th>" for r in REGIONS) * 2
+    sub += "".join(f"<th>{r}</th>" for r in task.outputs) * 2
     sub += "<th>RL × AP × SI</th><th>case score</th><th>flag</th>"
     if with_ref:
-        sub += ("".join(f"<th>{r}</th>" for r in REGIONS) * 2 + "<th>mean</th>"
-                + "".join(f"<th>{r}</th>" for r in REGIONS))
+        sub += ("".join(f"<th>{r}</th>" for r in task.scored) * 2 + "<th>mean</th>"
+                + "".join(f"<th>{r}</th>" for r in task.scored))
     sub += "<th>modalities</th>"
     sub += "<th>QC, review, brain extractor, atlas</th>" if raws else ""
     flagged = sum(_uncertainty_cells(e["uncertainty"])[1] for e in table)
@@ -357,7 +367,7 @@ def _write_html(table: list[dict], out: Path, conv: str, with_ref: bool, rules: 
                    "the raw study column links each one's QC picture (registration edges, brain outline, "
                    f"mask on the native series); <b>{sum(r['review'] for r in raws)}</b> failed QC "
                    "(predicted with --accept-review: REVIEW, with the reasons).")
-    rows = "".join(_row(e, names, with_ref, bool(raws)) for e in table)
+    rows = "".join(_row(e, names, with_ref, bool(raws), task) for e in table)
     figs = "".join(f"<h3 id='{html.escape(e['id'])}'>{html.escape(e['id'])}"
                    f"{' <span class=flag>REVIEW</span>' if _review(e) else ''}"
                    f"</h3><img src='{html.escape(e['png'])}'>{_qc_link(e)}" for e in table)

@@ -8,7 +8,8 @@ The numbers and what they mean:
   the zooms for any orientation or rotation, and still right for a sheared grid.
   One per label of the convention, by its names (``NETC``, ``SNFH``, ``ET``, ``RC``
   for brats2024; ``NCR/NET``, ``ED``, ``ET`` for brats2021; MSD's names), and one
-  per region TC, WT, ET (`medseg.labels.REGIONS`; RC belongs to none).
+  per output region of the task (`medseg.labels.Task.outputs`: TC, WT, ET; plus RC
+  for gli2024, CC for ped2024; default: the task the convention's labels detect).
 - **Lesions**: connected components of each region, 26-connected (voxels that
   share a face, an edge or a corner are one lesion, as the BraTS 2023 lesion-wise
   code and panoptica count them), counted as found: no size threshold, and no
@@ -37,7 +38,7 @@ from scipy import ndimage
 from medseg.data.inputs import read_manifest
 from medseg.data.io import atomic_path, load_array, load_header
 from medseg.errors import MedsegError
-from medseg.labels import REGIONS, get_convention, validate_labels
+from medseg.labels import Task, detect_task, get_convention, get_task, validate_labels
 
 __all__ = ["CONNECTIVITY", "VOLUMES_CSV", "voxel_ml", "case_volumetry", "mask_volumetry",
            "csv_columns", "volume_row", "write_volumes_csv", "write_batch_volumes"]
@@ -111,11 +112,16 @@ def _largest(mask: np.ndarray, offset: np.ndarray, affine: np.ndarray, vox_ml: f
                "box_ras_mm": [[round(float(v), 3) for v in lo], [round(float(v), 3) for v in hi]]}
 
 
+def _task(convention: str, task: "str | Task | None") -> Task:
+    """`task`, or the one the convention's labels detect (brats2024 → gli2024: RC a region)."""
+    return get_task(task) if task is not None else detect_task(convention)[0]
+
+
 def case_volumetry(labels: np.ndarray, affine: np.ndarray, convention: str,
-                   source: str = "label map") -> dict:
+                   source: str = "label map", task: "str | Task | None" = None) -> dict:
     """Volumetry of one `(X, Y, Z)` label map in `convention` on the grid `affine`
     (voxel → RAS+ mm): ``{"label_convention", "voxel_ml", "connectivity",
-    "labels": {name: mL}, "regions": {TC|WT|ET: mL}, "lesions": {region: count},
+    "task", "labels": {name: mL}, "regions": {region: mL} (the task's outputs), "lesions": {region: count},
     "largest": {region: {"ml", "voxels", "extent_mm": [RL, AP, SI], "box_ras_mm":
     [lower, upper]} or None}}`` (see the module docstring for the definitions).
     Label values outside the convention are a `LabelError` naming `source`."""
@@ -130,25 +136,26 @@ def case_volumetry(labels: np.ndarray, affine: np.ndarray, convention: str,
     crop = lab[box]
     counts = _label_counts(crop, conv, source)
     offset = np.array([s.start for s in box])
-    out = {"label_convention": conv.name, "voxel_ml": vox, "connectivity": CONNECTIVITY,
+    t = _task(conv.name, task)
+    out = {"label_convention": conv.name, "task": t.name, "voxel_ml": vox, "connectivity": CONNECTIVITY,
            "labels": {conv.names[v]: _ml(counts.get(v, 0), vox) for v in sorted(conv.names) if v != 0},
            "regions": {}, "lesions": {}, "largest": {}}
-    groups = conv.region_labels()
-    for r in REGIONS:
+    groups = t.region_values(conv)
+    for r in t.outputs:
         mask = np.isin(crop, groups[r])
         out["regions"][r] = _ml(sum(counts.get(v, 0) for v in groups[r]), vox)
         out["lesions"][r], out["largest"][r] = _largest(mask, offset, aff, vox)
     return out
 
 
-def mask_volumetry(path: Path, convention: str) -> dict:
+def mask_volumetry(path: Path, convention: str, task: "str | Task | None" = None) -> dict:
     """`case_volumetry` of a mask file (its own header's grid)."""
     img = load_header(Path(path))
     if len(img.shape) != 3:
         raise MedsegError(f"{path}: expected a 3D label map, found shape {img.shape}")
     # float32 holds every label value exactly, and a non-integer one (a mask resampled
     # with linear interpolation) is then an error instead of being truncated.
-    return case_volumetry(load_array(Path(path), img), img.affine, convention, str(path))
+    return case_volumetry(load_array(Path(path), img), img.affine, convention, str(path), task)
 
 
 def _slug(name: str) -> str:
@@ -156,14 +163,14 @@ def _slug(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_")
 
 
-def csv_columns(convention: str) -> list[str]:
+def csv_columns(convention: str, task: "str | Task | None" = None) -> list[str]:
     """``volumes.csv`` columns: ``case_id, label_convention, voxel_ml``, one
     ``label_<name>_ml`` per label, then per region ``<R>_ml``, ``<R>_lesions``,
     ``<R>_largest_ml`` and ``<R>_largest_{rl,ap,si}_mm``."""
     conv = get_convention(convention)
     cols = ["case_id", "label_convention", "voxel_ml"]
     cols += [f"label_{_slug(conv.names[v])}_ml" for v in sorted(conv.names) if v != 0]
-    for r in REGIONS:
+    for r in _task(conv.name, task).outputs:
         cols += [f"{r}_ml", f"{r}_lesions", f"{r}_largest_ml", *(f"{r}_largest_{a}_mm" for a in _AXES)]
     return cols
 
@@ -173,7 +180,7 @@ def volume_row(case_id: str, vol: Mapping) -> dict:
     row = {"case_id": case_id, "label_convention": vol["label_convention"],
            "voxel_ml": f"{vol['voxel_ml']:.6g}"}
     row.update({f"label_{_slug(k)}_ml": f"{v:.4f}" for k, v in vol["labels"].items()})
-    for r in REGIONS:
+    for r in vol["regions"]:
         big = vol["largest"][r] or {}
         row.update({f"{r}_ml": f"{vol['regions'][r]:.4f}", f"{r}_lesions": vol["lesions"][r],
                     f"{r}_largest_ml": f"{big['ml']:.4f}" if big else ""})
@@ -182,7 +189,8 @@ def volume_row(case_id: str, vol: Mapping) -> dict:
     return row
 
 
-def write_volumes_csv(target: Path, rows: Sequence[tuple[str, Mapping]], convention: str) -> Path:
+def write_volumes_csv(target: Path, rows: Sequence[tuple[str, Mapping]], convention: str,
+                      task: "str | Task | None" = None) -> Path:
     """``volumes.csv`` from (case id, `case_volumetry` dict) pairs, written atomically."""
     conv = get_convention(convention).name
     for cid, vol in rows:
@@ -192,13 +200,14 @@ def write_volumes_csv(target: Path, rows: Sequence[tuple[str, Mapping]], convent
                               "predict one dataset at a time")
     with atomic_path(Path(target)) as tmp:
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=csv_columns(conv))
+            w = csv.DictWriter(f, fieldnames=csv_columns(conv, task), extrasaction="ignore")
             w.writeheader()
             w.writerows(volume_row(cid, vol) for cid, vol in rows)
     return Path(target)
 
 
-def write_batch_volumes(out_dir: Path, cases: Sequence[tuple[str, Path]], convention: str) -> Path:
+def write_batch_volumes(out_dir: Path, cases: Sequence[tuple[str, Path]], convention: str,
+                        task: "str | Task | None" = None) -> Path:
     """``out_dir/volumes.csv`` at the end of a batch, one row per (case id, mask):
     the volumetry each case's prediction recorded in ``predictions.json`` (kept
     for the cases a resumed batch skipped), measured from the mask file for a case
@@ -207,7 +216,9 @@ def write_batch_volumes(out_dir: Path, cases: Sequence[tuple[str, Path]], conven
     rows = []
     for cid, mask in cases:
         vol = (records.get(cid) or {}).get("volumes")
-        if not (isinstance(vol, dict) and vol.get("label_convention") == get_convention(convention).name):
-            vol = mask_volumetry(mask, convention)
+        t = _task(convention, task).name
+        if not (isinstance(vol, dict) and vol.get("label_convention") == get_convention(convention).name
+                and vol.get("task", t) == t and set(vol.get("regions", {})) == set(get_task(t).outputs)):
+            vol = mask_volumetry(mask, convention, t)
         rows.append((cid, vol))
-    return write_volumes_csv(Path(out_dir) / VOLUMES_CSV, rows, convention)
+    return write_volumes_csv(Path(out_dir) / VOLUMES_CSV, rows, convention, task)

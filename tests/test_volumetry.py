@@ -112,8 +112,12 @@ def test_oblique_grid_boxes_the_rotated_voxels():
                                        "regions": {"TC": 8, "WT": 15, "ET": 3}}),
     ("brats2023", {1: 5, 2: 7, 3: 3}, {"labels": {"NETC": 5, "SNFH": 7, "ET": 3},
                                        "regions": {"TC": 8, "WT": 15, "ET": 3}}),
+    # brats2024 labels are task gli2024's: RC is a region of its own, in no tumour region
     ("brats2024", {1: 5, 2: 7, 3: 3, 4: 6}, {"labels": {"NETC": 5, "SNFH": 7, "ET": 3, "RC": 6},
-                                             "regions": {"TC": 8, "WT": 15, "ET": 3}}),
+                                             "regions": {"TC": 8, "WT": 15, "ET": 3, "RC": 6}}),
+    # BraTS 2024 PED (task ped2024): TC = ET ∪ NET ∪ CC, WT = all, CC its own region
+    ("brats2024-ped", {1: 3, 2: 5, 3: 4, 4: 7}, {"labels": {"ET": 3, "NET": 5, "CC": 4, "ED": 7},
+                                                 "regions": {"TC": 12, "WT": 19, "ET": 3, "CC": 4}}),
     # MSD: 1 edema, 2 non-enhancing: TC = 2 ∪ 3.
     ("msd", {1: 5, 2: 7, 3: 3}, {"labels": {"edema": 5, "non-enhancing tumour": 7, "enhancing tumour": 3},
                                  "regions": {"TC": 10, "WT": 15, "ET": 3}}),
@@ -127,6 +131,13 @@ def test_every_convention_by_its_own_names(name, values, want):
     v = case_volumetry(lab.reshape(3, 4, 5), np.diag([10.0, 10.0, 10.0, 1.0]), name)   # 1 mL voxels
     assert v["label_convention"] == name
     assert v["labels"] == pytest.approx(want["labels"]) and v["regions"] == pytest.approx(want["regions"])
+
+
+def test_a_three_region_task_on_brats2024_labels_keeps_rc_out_of_the_regions():
+    lab = np.array([1, 2, 3, 4, 4], np.uint8).reshape(1, 1, 5)
+    v = case_volumetry(lab, np.diag([10.0, 10.0, 10.0, 1.0]), "brats2024", task="gli2023")
+    assert v["task"] == "gli2023" and v["labels"]["RC"] == pytest.approx(2)
+    assert v["regions"] == pytest.approx({"TC": 2, "WT": 3, "ET": 1})
 
 
 def test_empty_mask():

@@ -171,21 +171,31 @@ def check_modalities(cases: Sequence[InputCase], meta: dict, model: str) -> dict
 
 
 def output_convention(cases: Sequence[InputCase], override: str | None,
-                      model_convention: str) -> tuple[str, str]:
+                      model_convention: str, task: str | None = None) -> tuple[str, str]:
     """The label convention of the masks, and why: `override` (``--convention``), else
     the input's own (detected for its folder, recorded in its datalist, or read from
     the file names), else — only when the input does not tell — the model's training
-    data's, said so in the returned reason."""
+    data's, said so in the returned reason. A convention that cannot hold every label
+    the model's `task` predicts (RC of gli2024 in a brats2023 folder) is an error
+    naming what would be lost."""
+    from medseg.labels import conversion_problem, legacy_task
+    task = task or legacy_task(model_convention).name
     if override:
-        return get_convention(override).name, "--convention"
-    found = {(c.convention, c.convention_source) for c in cases if c.convention}
-    if len({conv for conv, _ in found}) > 1:
-        raise MedsegError(f"the input cases use several label conventions ({sorted(found)}); "
-                          "predict one dataset at a time or pass --convention")
-    if found:
-        return next(iter(found))
-    return model_convention, ("the model's training data: the input's file names do not tell; "
-                              "pass --convention to choose")
+        conv, why = get_convention(override).name, "--convention"
+    else:
+        found = {(c.convention, c.convention_source) for c in cases if c.convention}
+        if len({conv for conv, _ in found}) > 1:
+            raise MedsegError(f"the input cases use several label conventions ({sorted(found)}); "
+                              "predict one dataset at a time or pass --convention")
+        if found:
+            conv, why = next(iter(found))
+        else:
+            conv, why = model_convention, ("the model's training data: the input's file names do not "
+                                           "tell; pass --convention to choose")
+    problem = conversion_problem(task, conv)
+    if problem:
+        raise MedsegError(f"labels {conv} (from {why}): {problem} (--convention {model_convention})")
+    return conv, why
 
 
 def write_manifest(out_dir: Path, masks: Sequence[Path], status: str, run: dict,
