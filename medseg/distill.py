@@ -29,7 +29,6 @@ from medseg.config import apply_overrides, experiment, load_config
 from medseg.cv import run_cv
 from medseg.data.io import write_json
 from medseg.errors import MedsegError
-from medseg.labels import REGIONS
 from medseg.scoring import DEFAULT_RULES
 from medseg.teacher import check_distill, open_teacher
 from medseg.train import CHECKPOINT_DIR, DEFAULT_STORE, train_fold
@@ -74,7 +73,7 @@ def student_config(teacher_dir: str | Path, student: str = DEFAULT_STUDENT, stud
 
 def _scores(summary: dict) -> dict:
     out = {}
-    for r in REGIONS:
+    for r in summary["overall"]:
         block = summary["overall"][r]
         out[r] = {m: block[m]["mean"] for m in ("dice", "hd95", "iou") if m in block}
     return out
@@ -123,7 +122,7 @@ def format_comparison(result: dict) -> str:
     lines = [f"out-of-fold ({result['rules']})      Dice teacher  student   HD95 teacher  student"]
     t = result["teacher"]["cv_scores"] or {}
     s = result["student"]["cv_scores"]
-    for r in REGIONS:
+    for r in s:
         td, sd = (t.get(r) or {}).get("dice"), s[r].get("dice")
         th, sh = (t.get(r) or {}).get("hd95"), s[r].get("hd95")
         f = (lambda v: "   n/a" if v is None else f"{v:6.3f}")

@@ -94,6 +94,10 @@ def open_engine(model: Sequence[str | Path], engine: str = "torch", device: str 
 
 
 def _with_crf(engine: "Engine", crf: "CRFParams | None") -> "Engine":
+    if crf is not None and len(engine.spec.regions) != 3:
+        raise MedsegError(f"--crf: the dense CRF models the nested regions TC, WT, ET of the three-region "
+                          f"tasks; this model's task {engine.spec.task} outputs {', '.join(engine.spec.regions)}: "
+                          "predict it without --crf")
     engine.crf = crf
     return engine
 

@@ -103,7 +103,7 @@ class Teacher:
         if summary.is_file():
             s = json.loads(summary.read_text())
             scores = {"rules": s.get("rules"), **{r: {m: s["overall"][r][m]["mean"] for m in ("dice", "hd95")
-                                                      if m in s["overall"][r]} for r in REGIONS}}
+                                                      if m in s["overall"][r]} for r in s["overall"]}}
         return {"run": str(self.run), "folds": folds, "network": first["network"], "cv_scores": scores,
                 "checkpoints": {str(k): {"path": str(self.checkpoints[k]), "sha256": self.sha256[k]}
                                 for k in folds}}
@@ -201,7 +201,7 @@ def _record(store: Store, case_id: str) -> dict:
     return {"case": case_id, "image_crc32": store.entry(case_id)["files"]["image.npy"]["crc32"]}
 
 
-def _current(folder: Path, store: Store, case_id: str) -> bool:
+def _current(folder: Path, store: Store, case_id: str, n_regions: int = len(REGIONS)) -> bool:
     rec, arr = folder / f"{case_id}.json", folder / f"{case_id}.npy"
     if not (rec.is_file() and arr.is_file()):
         return False
@@ -210,7 +210,7 @@ def _current(folder: Path, store: Store, case_id: str) -> bool:
         shape = np.load(arr, mmap_mode="r").shape
     except (OSError, ValueError):
         return False
-    return same and tuple(shape) == (len(REGIONS), *store.image(case_id).shape[1:])
+    return same and tuple(shape) == (n_regions, *store.image(case_id).shape[1:])
 
 
 def ensure_targets(root: Path, teacher: Teacher, fold: int | None, store: Store, case_ids: Sequence[str],
@@ -221,7 +221,8 @@ def ensure_targets(root: Path, teacher: Teacher, fold: int | None, store: Store,
     teacher fold for the final student. Each file is written atomically."""
     check_pipeline(teacher, store)
     folder = targets_dir(root, teacher, fold, store, tta)
-    todo = [c for c in case_ids if not _current(folder, store, c)]
+    n_regions = len(teacher.metas[min(teacher.metas)].get("regions", REGIONS))
+    todo = [c for c in case_ids if not _current(folder, store, c, n_regions)]
     folds = teacher.folds_for(fold)
     write_json({**teacher.describe(fold), "store": str(store.path), "tta": bool(tta),
                 "version": TARGETS_VERSION}, folder / "teacher.json")

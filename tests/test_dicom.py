@@ -21,7 +21,7 @@ from medseg.cli import main
 from medseg.data.dicom import dicom_cases, read_series, seg_segments, write_seg, write_series
 from medseg.data.discover import discover
 from medseg.errors import DataError
-from medseg.labels import CHANNELS
+from medseg.labels import CHANNELS, get_convention
 
 from conftest import tiny_cv_run, tree_fingerprint
 
@@ -349,3 +349,35 @@ def test_mixed_folders_and_files_are_refused(dataset, tmp_path, capsys):
     with pytest.raises(DataError, match="no series folder named"):
         (tmp_path / "root" / "c1" / "dwi").mkdir(parents=True)
         dicom_cases(tmp_path / "root")
+
+
+@pytest.mark.parametrize("convention, relabel, extra, code", [
+    # brats2024: label 4 = resection cavity, coded as post-surgical anatomy
+    ("brats2024", [0, 1, 2, 3], 4, ("245849007", "SCT", "91723000")),
+    # brats2024-ped: 1 ET, 2 NET, 3 cystic component (coded as cyst), 4 ED
+    ("brats2024-ped", [0, 2, 4, 1], 3, ("367643001", "SCT", "49755003")),
+])
+def test_segmentation_holds_the_resection_cavity_and_the_cystic_component(dataset, tmp_path, convention,
+                                                                          relabel, extra, code):
+    # The newer tasks' fourth class is a segment of its own (it used to be dropped):
+    # the label map reads back exactly, the segment is coded and named.
+    case = discover(dataset("brats2023")).cases[-1]
+    root = _dicom_case(case, tmp_path / "dcm" / "c1", "oblique")
+    (got,), _ = dicom_cases(root)
+    truth = np.asarray(nib.load(case.label).dataobj).astype(np.uint8)
+    labels = np.asarray(relabel, np.uint8)[truth]
+    edema = np.argwhere(truth == 2)
+    half = edema[edema[:, 0] < np.median(edema[:, 0])]
+    labels[tuple(half.T)] = extra
+    assert extra in np.unique(labels)
+    seg_path = write_seg(labels, got.dicom, convention, tmp_path / "out" / "c1_seg.dcm", "unet3d", "torch")
+    (tmp_path / "nii").mkdir()
+    nifti = nib.load(got.dicom.to_nifti(tmp_path / "nii")[1])
+    np.testing.assert_array_equal(_seg_on_grid(seg_path, nifti, convention), labels)
+    seg = hd.seg.segread(seg_path)
+    assert len(seg.SegmentSequence) == 4
+    last = seg.SegmentSequence[3]
+    assert (last.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+            last.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator,
+            last.SegmentedPropertyCategoryCodeSequence[0].CodeValue) == code
+    assert last.SegmentLabel == f"{get_convention(convention).names[extra]} (label {extra})"

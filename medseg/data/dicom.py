@@ -28,15 +28,18 @@ as any NIfTI input, and the mask lands on the series' own grid.
 Output. `write_seg` writes one BINARY Segmentation per case with highdicom,
 referencing the images of the T1ce series (the sequence on which enhancing
 tumour and necrosis are defined; then FLAIR, T1, T2 when T1ce is missing): one
-frame per source image, three segments in the order NCR, ED, ET whatever the
-label convention (segment numbers must run 1, 2, 3), coded as the DICOM
+frame per source image, one segment per class of the label convention in the
+order NCR, ED, ET, then RC (brats2024) or CC (brats2024-ped), whatever the label
+values (segment numbers must run 1, 2, 3, …), the tumour classes coded as the DICOM
 standard's CID 7168 "Brain Lesion Segmentation Type With Necrosis" codes them:
 necrosis SCT 6574001, edema SCT 79654002, and enhancing tumour NCIt C113842
 "Enhancing Lesion" (SNOMED CT has no concept for it). Label 1 is BraTS's
 necrotic and non-enhancing tumour core, one label since 2017, which a model
 cannot split: it is coded as necrosis, and its segment label gives the
 convention's own name (NCR/NET, NETC, non-enhancing tumour). The resection
-cavity (brats2024 label 4) is never predicted and has no segment. Its slice
+cavity is coded as post-surgical anatomy (SCT 245849007, category anatomical
+structure) and the paediatric cystic component as cyst (SCT 367643001): CID 7168
+has neither. Its slice
 thickness and spacing between slices are the slice step measured from the
 positions, never the source's SliceThickness / SpacingBetweenSlices, which other
 writers (GDCM: SimpleITK, ITK) fill with 1 or the acquired thickness.
@@ -385,22 +388,36 @@ def dicom_cases(root: str | Path) -> tuple[list[InputCase], Path]:
 
 
 # ------------------------------------------------------------------ writing
+#: Segment order of the classes (NCR 1, ED 2, ET 3, then RC or CC when the labels hold them).
+_SEGMENT_ORDER = ("NCR", "ED", "ET", "RC", "CC")
+
+
 def seg_segments(convention: str) -> list[tuple[int, str, str]]:
     """The Segmentation's segments for masks in `convention`: (label value, class,
-    segment label), in segment-number order (NCR 1, ED 2, ET 3)."""
+    segment label), one per class the convention holds, in segment-number order (NCR
+    1, ED 2, ET 3; brats2024's resection cavity 4; brats2024-ped's cystic component 4)."""
     conv = get_convention(convention)
-    return [(conv.ncr, "NCR", conv.names[conv.ncr]), (conv.ed, "ED", conv.names[conv.ed]),
-            (conv.et, "ET", conv.names[conv.et])]
+    return [(conv.value(cls), cls, conv.names[conv.value(cls)]) for cls in _SEGMENT_ORDER
+            if conv.value(cls) is not None]
 
 
 def _descriptions(convention: str, algorithm):
+    """Coded concepts per class (DICOM PS3.3 segment description): category
+    morphologically abnormal structure (SCT 49755003) for the tumour classes and the
+    cyst, with types necrosis (SCT 6574001), edema (SCT 79654002), enhancing lesion
+    (NCIt C113842), cyst (SCT 367643001); the resection cavity: category anatomical
+    structure (SCT 91723000), type post-surgical anatomy (SCT 245849007)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.sr.coding import Code
-    types = {"NCR": codes.SCT.Necrosis, "ED": codes.SCT.Edema,
-             "ET": Code("C113842", "NCIt", "Enhancing Lesion")}
+    abnormal = codes.SCT.MorphologicallyAbnormalStructure
+    concepts = {"NCR": (abnormal, codes.SCT.Necrosis), "ED": (abnormal, codes.SCT.Edema),
+                "ET": (abnormal, Code("C113842", "NCIt", "Enhancing Lesion")),
+                "CC": (abnormal, Code("367643001", "SCT", "Cyst")),
+                "RC": (Code("91723000", "SCT", "Anatomical Structure"),
+                       Code("245849007", "SCT", "Post-surgical anatomy"))}
     return [hd.seg.SegmentDescription(
-        i, f"{label} (label {value})", codes.SCT.MorphologicallyAbnormalStructure, types[cls],
+        i, f"{label} (label {value})", concepts[cls][0], concepts[cls][1],
         hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm, anatomic_regions=[codes.SCT.Brain],
         display_color=hd.color.CIELabColor.from_rgb(*CLASS_COLOURS[cls]))
         for i, (value, cls, label) in enumerate(seg_segments(convention), 1)]
