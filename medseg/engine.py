@@ -88,7 +88,7 @@ class Engine:
         return np.ascontiguousarray(np.flip(a, axes))
 
     def _sigmoid(self, a):
-        return (1.0 / (1.0 + np.exp(-a))).astype(np.float32)
+        return (1.0 / (1.0 + np.exp(-np.clip(a, -88.0, 88.0)))).astype(np.float32)   # no overflow warning
 
     # ------------------------------------------------------------ shared steps
     def members(self) -> int:
