@@ -4,10 +4,13 @@ imported by medseg). Reads a JSON job list, prints one JSON object.
 
     python _scoring_reference.py JOBS.json [--brats23-code DIR] [--brats-eval]
 
-JOBS.json: [{"id": ..., "pred": path, "ref": path}, ...]. Output:
-{"brats23": {challenge: {id: {region: {...}}}}, "brats-eval": {id: {region: {...}}},
- "seconds": {...}, "versions": {...}}. Infinity is written as the string "inf",
-NaN as null.
+JOBS.json: [{"id": ..., "pred": path, "ref": path, "task": None | "gli2024" | ...,
+"config": "gli" | "ped"}, ...] ("config": BraTS-evaluation's bundled config, default
+gli; BraTS-2023-Metrics scores only the jobs without a task, brats2023 labels).
+Output: {"brats23": {challenge: {id: {region: {...}}}}, "brats-eval": {id: {group:
+{...}}} (every group of the job's config, e.g. gli: et netc snfh rc tc wt),
+"groups": {config: {group: [label values]}}, "seconds": {...}, "versions": {...}}.
+Infinity is written as the string "inf", NaN as null.
 """
 
 from __future__ import annotations
@@ -64,21 +67,34 @@ def run_brats23(code_dir: str, jobs: list[dict]) -> dict:
     return out
 
 
-def run_brats_eval(jobs: list[dict]) -> dict:
-    """BraTS-evaluation's own `evaluate_single_exam` with its bundled `gli` config."""
+def _groups(evaluator) -> dict:
+    """{group: [label values]} of a loaded Panoptica evaluator (its config's groups)."""
+    groups = getattr(evaluator, "segmentation_class_groups", None)
+    if groups is None:
+        groups = evaluator._Panoptica_Evaluator__segmentation_class_groups
+    return {name: [int(v) for v in g.value_labels] for name, g in groups.items()}
+
+
+def run_brats_eval(jobs: list[dict]) -> tuple[dict, dict]:
+    """BraTS-evaluation's own `evaluate_single_exam` with its bundled config named by
+    each job (`gli` by default; `ped`) → ({id: {group: metrics}}, {config: groups})."""
     from brats_evaluation.evaluation import evaluate_single_exam
     from panoptica import Panoptica_Evaluator
-    evaluator = Panoptica_Evaluator.load_from_config(
-        str(files("brats_evaluation").joinpath("configs", "config_gli.yaml")))
+    evaluators, groups = {}, {}
     out = {}
     keys = ("global_bin_dsc", "global_bin_hd95", "global_bin_nsd", "sq_dsc", "sq_hd95", "sq_nsd",
             "tp", "fp", "fn", "n_ref_instances", "n_pred_instances")
     for job in jobs:
-        res = evaluate_single_exam(job["pred"], job["ref"], job["id"], evaluator)
+        config = job.get("config") or "gli"
+        if config not in evaluators:
+            evaluators[config] = Panoptica_Evaluator.load_from_config(
+                str(files("brats_evaluation").joinpath("configs", f"config_{config}.yaml")))
+            groups[config] = _groups(evaluators[config])
+        res = evaluate_single_exam(job["pred"], job["ref"], job["id"], evaluators[config])
         if "error" in res:
             raise RuntimeError(f"{job['id']}: {res['error']}")
-        out[job["id"]] = {g.upper(): {k: res[g].get(k) for k in keys} for g in ("wt", "tc", "et")}
-    return out
+        out[job["id"]] = {g: {k: res[g].get(k) for k in keys} for g in groups[config]}
+    return out, groups
 
 
 def main() -> None:
@@ -96,11 +112,11 @@ def main() -> None:
             pass
     if a.brats23_code:
         t = time.perf_counter()
-        result["brats23"] = run_brats23(a.brats23_code, jobs)
+        result["brats23"] = run_brats23(a.brats23_code, [j for j in jobs if not j.get("task")])
         result["seconds"]["brats23"] = time.perf_counter() - t
     if a.brats_eval:
         t = time.perf_counter()
-        result["brats-eval"] = run_brats_eval(jobs)
+        result["brats-eval"], result["groups"] = run_brats_eval(jobs)
         result["seconds"]["brats-eval"] = time.perf_counter() - t
     print(json.dumps(_clean(result)))
 

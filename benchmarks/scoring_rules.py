@@ -23,8 +23,16 @@ test-only environment (nothing is vendored, nothing becomes a medseg dependency)
   environment with the script's 2023 stack, `pip install "numpy<2" "pandas<2"
   "scipy<1.12" nibabel connected-components-3d` (pandas 2 cannot run it).
 - `brats-eval`: `--ref-python`, an environment with `pip install BraTS-evaluation`
-  (pulls panoptica), its bundled `gli` config, through the package's own
-  `evaluate_single_exam`.
+  (pulls panoptica), through the package's own `evaluate_single_exam`: the cases
+  above on TC/WT/ET with its bundled `gli` config, and the BraTS 2024 tasks on all
+  their scored regions (`medseg evaluate --task`): each BraTS-size case relabelled
+  (`brats2024_pairs`: a necrotic core, ET → NETC, in every case; gli2024, brats2024
+  labels: a resection cavity, RC = 4, partly missed, one cavity missed and a stray
+  one; ped2024, brats2024-ped labels: a cyst, CC = 3, partly wrong, and a stray one)
+  plus two crops with classes absent (`empty_class_cases`), gli2024 on ET, NETC,
+  SNFH, RC, TC, WT with the `gli` config (groups et, netc, snfh, rc, tc, wt) and
+  ped2024 on ET, NET, CC, ED, TC, WT with the `ped` config (et, netc = NET, cc, ed,
+  tc, wt); each region's label values must also equal those of the config's group.
 
 Tolerance: |ΔDice| ≤ 1e-4, |ΔHD95| ≤ 0.05 + 1 % of the reference's value; counts
 exact. Infinity in a reference output is compared as the rule set's penalty (the
@@ -52,7 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from medseg.evaluate import evaluate_case  # noqa: E402
-from medseg.labels import REGIONS, labels_to_regions  # noqa: E402
+from medseg.labels import REGIONS, get_task, labels_to_regions  # noqa: E402
 from medseg.metrics import score_region  # noqa: E402
 from medseg.scoring import RULE_SETS, get_rules  # noqa: E402
 
@@ -87,6 +95,92 @@ def brats_size_pair(patient: int) -> tuple[np.ndarray, np.ndarray]:
     return pred.astype(np.uint8), ref.astype(np.uint8)
 
 
+#: Each BraTS 2024 task cross-checked: (label convention, BraTS-evaluation config).
+TASKS_2024 = {"gli2024": ("brats2024", "gli"), "ped2024": ("brats2024-ped", "ped")}
+#: brats2023 → brats2024-ped label values: NETC 1 → NET 2, SNFH 2 → ED 4, ET 3 → 1.
+TO_PED = np.array([0, 2, 4, 1], np.uint8)
+SHIFT = ((1, -1, 0), (0, 1, 2))   # brats_size_pair's prediction shift: np.roll(…, *SHIFT)
+
+
+def _ball(lab, centre, radius, value, onto):
+    """Paint `value` into the ball of `radius` voxels around `centre`, over the values `onto`."""
+    sl = tuple(slice(max(c - radius, 0), c + radius + 1) for c in centre)
+    grid = np.ogrid[sl]
+    inside = sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius ** 2
+    box = lab[sl]
+    box[inside & np.isin(box, onto)] = value
+
+
+def _beside_core(ref, dist: int, last: bool) -> tuple[int, ...]:
+    """An edema voxel of `ref` (brats2023 labels) `dist` voxels (rounded) from the tumour
+    core: the first or the last such voxel in C order (opposite sides of the core)."""
+    core = np.isin(ref, (1, 3))
+    lo = np.maximum(np.argwhere(core).min(0) - 3 * dist, 0)
+    sl = tuple(slice(a, b) for a, b in zip(lo, np.argwhere(core).max(0) + 3 * dist + 1))
+    d = ndimage.distance_transform_edt(~core[sl])
+    found = np.argwhere((ref[sl] == 2) & (np.rint(d) == dist))
+    return tuple(int(v) for v in found[-1 if last else 0] + lo)
+
+
+def brats2024_pairs(pred: np.ndarray, ref: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{task: (prediction, reference)} for gli2024 (brats2024 labels) and ped2024
+    (brats2024-ped labels) from a `brats_size_pair` (brats2023 labels), every class
+    present in both and every region partly wrong:
+
+    - necrosis: the reference's ET eroded by 2 voxels becomes NETC; the prediction's
+      core is smaller (the reference's ET eroded by 3, shifted as the prediction is),
+      besides the NETC rim the prediction already has;
+    - gli2024: a resection cavity (RC = 4) of radius 6 beside the core (over edema and
+      background) and a missed 4³ cavity 28 voxels away; the prediction's cavity of
+      radius 5 is off by (2, 1, 0) voxels, and it adds a stray 4³ cavity on the other side;
+    - ped2024: labels relabelled 2023 → PED (NETC → NET 2, SNFH → ED 4, ET → 1); a
+      cyst (CC = 3) of radius 5 beside the core on the other side (over ED, NET,
+      background); the prediction's is off by (-1, 2, 1), plus a stray 4³ cyst.
+    """
+    et = ref == 3
+    ref, pred = ref.copy(), pred.copy()
+    ref[ndimage.binary_erosion(et, iterations=2)] = 1
+    pred[np.roll(ndimage.binary_erosion(et, iterations=3), *SHIFT) & (pred == 3)] = 1
+    cx, cy, cz = (int(v) for v in np.rint(np.argwhere(np.isin(ref, (1, 3))).mean(0)))
+    rc, cc = _beside_core(ref, 5, last=False), _beside_core(ref, 4, last=True)
+
+    g_ref, g_pred = ref.copy(), pred.copy()
+    _ball(g_ref, rc, 6, 4, (0, 2))
+    _blob(g_ref, (cx, cy + 28, cz), (2, 2, 2), 4)          # missed: a second, small cavity
+    _ball(g_pred, tuple(np.add(rc, (2, 1, 0))), 5, 4, (0, 2))
+    _blob(g_pred, (cx, cy - 28, cz), (2, 2, 2), 4)         # stray cavity
+
+    p_ref, p_pred = TO_PED[ref], TO_PED[pred]
+    _ball(p_ref, cc, 5, 3, (0, 2, 4))
+    _ball(p_pred, tuple(np.add(cc, (-1, 2, 1))), 5, 3, (0, 2, 4))
+    _blob(p_pred, (cx, cy - 28, cz), (2, 2, 2), 3)         # stray cyst
+    out = {"gli2024": (g_pred, g_ref), "ped2024": (p_pred, p_ref)}
+    for task, (p, r) in out.items():
+        for name, lab in (("prediction", p), ("reference", r)):
+            if set(np.unique(lab)) != {0, 1, 2, 3, 4}:
+                raise RuntimeError(f"{task} {name}: labels {np.unique(lab).tolist()}, expected 0-4")
+    return out
+
+
+def empty_class_cases(by_task: dict) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(id, task, prediction, reference) of classes absent, as in many real 2024 cases,
+    from `brats2024_pairs`' output cropped to 81³ voxels around the tumour core:
+    gli2024 with no cavity in the reference (the prediction's is all false positive)
+    and no NETC in the prediction; ped2024 with no cyst in either."""
+    g_pred, g_ref = by_task["gli2024"]
+    centre = np.rint(np.argwhere(np.isin(g_ref, (1, 3))).mean(0)).astype(int)
+    lo = np.clip(centre - 40, 0, np.array(g_ref.shape) - 81)
+    crop = tuple(slice(a, a + 81) for a in lo)
+    g_pred, g_ref = g_pred[crop].copy(), g_ref[crop].copy()
+    g_ref[g_ref == 4] = 0
+    g_pred[g_pred == 1] = 3
+    p_pred, p_ref = (lab[crop].copy() for lab in by_task["ped2024"])
+    p_pred[p_pred == 3] = 4
+    p_ref[p_ref == 3] = 4
+    return [("gli2024_no_RC_ref_no_NETC_pred", "gli2024", g_pred, g_ref),
+            ("ped2024_no_CC", "ped2024", p_pred, p_ref)]
+
+
 def time_rules(pairs, repeats: int) -> dict:
     """{rules: {region: median seconds}} from boolean masks in memory."""
     out = {}
@@ -112,18 +206,26 @@ def _test_cases():
     return mod.CASES
 
 
-def write_cases(tmp: Path, pairs) -> tuple[list[dict], dict]:
-    """NIfTI label maps of every case → (jobs for the runner, {id: spacing})."""
+def write_cases(tmp: Path, pairs, cases24=()) -> tuple[list[dict], dict]:
+    """NIfTI label maps of every case → (jobs for the runner, {id: spacing}).
+
+    `pairs`: brats2023 label maps, scored on TC/WT/ET (task None) with the package's
+    gli config; `cases24`: (id, task, prediction, reference) in the task's labels,
+    scored on all of its regions with the config `TASKS_2024` names."""
     jobs, spacing = [], {}
-    items = [(name.replace(" ", "_").replace(",", ""), p.astype(np.uint8), r.astype(np.uint8), sp)
+    legacy = ("brats2023", None, "gli")
+    items = [(name.replace(" ", "_").replace(",", ""), p.astype(np.uint8), r.astype(np.uint8), sp, legacy)
              for name, (p, r, sp) in _test_cases().items()]
-    items += [(f"brats_size_{i}", p, r, (1.0, 1.0, 1.0)) for i, (p, r) in enumerate(pairs)]
-    for cid, p, r, sp in items:
+    items += [(f"brats_size_{i}", p, r, (1.0, 1.0, 1.0), legacy) for i, (p, r) in enumerate(pairs)]
+    items += [(cid, p, r, (1.0, 1.0, 1.0), (TASKS_2024[task][0], task, TASKS_2024[task][1]))
+              for cid, task, p, r in cases24]
+    for cid, p, r, sp, (convention, task, config) in items:
         aff = np.diag([*sp, 1.0])
         for kind, arr in (("pred", p), ("ref", r)):
             nib.save(nib.Nifti1Image(arr, aff), str(tmp / f"{kind}_{cid}.nii.gz"))
         jobs.append({"id": cid, "pred": str(tmp / f"pred_{cid}.nii.gz"),
-                     "ref": str(tmp / f"ref_{cid}.nii.gz")})
+                     "ref": str(tmp / f"ref_{cid}.nii.gz"), "convention": convention,
+                     "task": task, "config": config})
         spacing[cid] = sp
     return jobs, spacing
 
@@ -156,11 +258,19 @@ EVAL_KEYS = [("dice", "global_bin_dsc", "dice"), ("hd95", "global_bin_hd95", "hd
              ("lesion_hd95", "sq_hd95", "hd"), ("lesion_nsd", "sq_nsd", "dice"),
              ("lesions_tp", "tp", "count"), ("lesions_fp", "fp", "count"),
              ("lesions_fn", "fn", "count")]
+#: medseg region → BraTS-evaluation group (gli config: et netc snfh rc tc wt; ped: et
+#: netc cc ed tc wt, its netc being the PED NET).
+EVAL_GROUPS = {"ET": "et", "NETC": "netc", "SNFH": "snfh", "RC": "rc", "TC": "tc", "WT": "wt",
+               "NET": "netc", "CC": "cc", "ED": "ed"}
 
 
-def compare(jobs, ref_out: dict) -> tuple[list[str], dict]:
-    """Disagreements (text) and the largest differences per (rules, kind)."""
-    bad, worst = [], {}
+def compare(jobs, ref_out: dict) -> tuple[list[str], dict, list[tuple]]:
+    """Disagreements (text), the largest differences per (rules[ task], kind), and the
+    2024 tasks' values: (task, case, region, column, medseg, reference, |difference|).
+    brats23 scores the brats2023 jobs only (task None); brats-eval every job, a 2024
+    task's on all its scored regions, whose label values must be those of the config's
+    group."""
+    bad, worst, rows24 = [], {}, []
     plans = []
     if "brats23" in ref_out:
         plans += [("brats23", ref_out["brats23"]["BraTS-GLI"], BRATS23_KEYS),
@@ -169,18 +279,46 @@ def compare(jobs, ref_out: dict) -> tuple[list[str], dict]:
         plans.append(("brats-eval", ref_out["brats-eval"], EVAL_KEYS))
     for rules, theirs_all, keys in plans:
         for job in jobs:
-            ours = evaluate_case(job["pred"], job["ref"], "brats2023", rules)
-            for region in REGIONS:
-                theirs = theirs_all[job["id"]][region]
+            task = job.get("task")
+            if task and rules != "brats-eval":
+                continue
+            ours = evaluate_case(job["pred"], job["ref"], job.get("convention", "brats2023"), rules, task)
+            regions = get_task(task).scored if task else REGIONS
+            for region in regions:
+                group = EVAL_GROUPS[region] if rules == "brats-eval" else region
+                if task:
+                    mine = set(get_task(task).region_values(job["convention"])[region])
+                    their_labels = ref_out.get("groups", {}).get(job["config"], {}).get(group)
+                    if their_labels is None or set(their_labels) != mine:
+                        bad.append(f"{rules:11} {job['id']:32} {region} label values: medseg "
+                                   f"{sorted(mine)}, config {job['config']} group {group} {their_labels}")
+                theirs = theirs_all[job["id"]][group]
                 for col, key, kind in keys:
                     a, b = ours[region][col], _num(theirs[key], get_rules(rules).penalty)
                     ok, d = _close(a, b, kind)
-                    w = worst.setdefault((rules, kind), [0.0, 0])
+                    w = worst.setdefault((f"{rules} {task}" if task else rules, kind), [0.0, 0])
                     w[0], w[1] = max(w[0], d), w[1] + 1
+                    if task:
+                        rows24.append((task, job["id"], region, col, a, b, d))
                     if not ok:
                         bad.append(f"{rules:11} {job['id']:32} {region} {col:12} medseg {a:.6g} "
                                    f"reference {b:.6g}")
-    return bad, worst
+    return bad, worst, rows24
+
+
+def print_2024(rows24) -> None:
+    """One line per (case, region) of the 2024 tasks: medseg / reference per column."""
+    cols = [c for c, _, _ in EVAL_KEYS]
+    short = {"lesion_dice": "LW dice", "lesion_hd95": "LW hd95", "lesion_nsd": "LW nsd",
+             "lesions_tp": "tp", "lesions_fp": "fp", "lesions_fn": "fn"}
+    table: dict = {}
+    for task, cid, region, col, a, b, d in rows24:
+        table.setdefault((cid, region), {})[col] = (a, b)
+    print("\nBraTS 2024 tasks, brats-eval: medseg / BraTS-evaluation")
+    print(f"{'case':32} {'region':6}" + "".join(f"{short.get(c, c):>18}" for c in cols))
+    for (cid, region), vals in table.items():
+        print(f"{cid:32} {region:6}" + "".join(
+            f"{vals[c][0]:>9.4g}/{vals[c][1]:<8.4g}" if c in vals else f"{'':18}" for c in cols))
 
 
 def main() -> int:
@@ -195,12 +333,22 @@ def main() -> int:
 
     t = time.perf_counter()
     pairs = [brats_size_pair(i) for i in range(a.cases)]
-    print(f"{a.cases} BraTS-size case(s) made in {time.perf_counter() - t:.1f} s")
+    by_task = [brats2024_pairs(pred, ref) for pred, ref in pairs] if a.ref_python else []
+    cases24 = [(f"{task}_brats_size_{i}", task, p, r) for i, d in enumerate(by_task) for task, (p, r) in d.items()]
+    cases24 += empty_class_cases(by_task[0]) if by_task else []
+    print(f"{a.cases} BraTS-size case(s) made in {time.perf_counter() - t:.1f} s"
+          + (" (+ gli2024 and ped2024 versions of each, and 2 cropped ones with classes absent)"
+             if by_task else ""))
     for i, (pred, ref) in enumerate(pairs):
         q = labels_to_regions(ref, "brats2023")
         print(f"  case {i}: reference " + ", ".join(
             f"{r} {int(q[j].sum())} voxels in {ndimage.label(q[j], np.ones((3, 3, 3)))[1]} component(s)"
             for j, r in enumerate(REGIONS)))
+        for task, (_, ref24) in (by_task[i].items() if by_task else ()):
+            values = get_task(task).region_values(TASKS_2024[task][0])
+            masks = {r: np.isin(ref24, values[r]) for r in get_task(task).scored}
+            print(f"    {task}: reference " + ", ".join(
+                f"{r} {int(m.sum())} ({ndimage.label(m, np.ones((3, 3, 3)))[1]})" for r, m in masks.items()))
     if not a.no_timing:
         timing = time_rules(pairs, a.repeats)
         print(f"\nseconds per region (median of {a.repeats}; max over all runs), 240×240×155:")
@@ -216,7 +364,7 @@ def main() -> int:
         return 0
 
     with tempfile.TemporaryDirectory() as tmp:
-        jobs, _ = write_cases(Path(tmp), pairs)
+        jobs, _ = write_cases(Path(tmp), pairs, cases24)
         (Path(tmp) / "jobs.json").write_text(json.dumps(jobs))
         ref_out: dict = {"versions": {}, "seconds": {}}
         for python, *flags in runs:
@@ -226,20 +374,25 @@ def main() -> int:
                 print(r.stderr[-4000:], file=sys.stderr)
                 return 1
             out = json.loads(r.stdout.strip().splitlines()[-1])
+            ref_out.setdefault("groups", {}).update(out.pop("groups", {}))
             for key in ("versions", "seconds"):
                 ref_out[key].update({f"{k} ({Path(python).parents[1].name})" if key == "versions" else k: v
                                      for k, v in out.pop(key).items()})
             ref_out.update(out)
         t = time.perf_counter()
-        bad, worst = compare(jobs, ref_out)
+        bad, worst, rows24 = compare(jobs, ref_out)
         ours_s = time.perf_counter() - t
     print(f"\nreference versions: {ref_out['versions']}")
-    print(f"reference seconds (all {len(jobs)} cases, 3 regions): "
+    n24 = sum(1 for j in jobs if j.get("task"))
+    print(f"reference seconds ({len(jobs)} cases: {len(jobs) - n24} on TC/WT/ET, {n24} on their 2024 "
+          "task's 6 regions): "
           + ", ".join(f"{k} {v:.1f}" for k, v in ref_out["seconds"].items())
           + f"; medseg, every compared rule set: {ours_s:.1f}")
-    print(f"\nlargest |difference| over {len(jobs)} cases × 3 regions:")
+    if rows24:
+        print_2024(rows24)
+    print("\nlargest |difference| (per rule set, 2024 task; values compared):")
     for (rules, kind), (d, n) in sorted(worst.items()):
-        print(f"  {rules:11} {kind:6} {d:.3g}  ({n} values)")
+        print(f"  {rules:19} {kind:6} {d:.3g}  ({n} values)")
     if bad:
         print(f"\n{len(bad)} disagreement(s):")
         print("\n".join(bad))

@@ -297,8 +297,9 @@ BRATS23_CODE = Path("/tmp/brats23")
 @pytest.mark.slow
 def test_agrees_with_the_reference_implementations():
     """Every case above plus a BraTS-size case, scored by BraTS-evaluation and by
-    BraTS-2023-Metrics (GLI, MET): Dice within 1e-4, HD95 within 0.05 mm + 1 %, TP/FP/FN
-    exact."""
+    BraTS-2023-Metrics (GLI, MET), and that case's gli2024 and ped2024 versions on all
+    their regions by BraTS-evaluation (gli, ped configs): Dice within 1e-4, HD95 within
+    0.05 mm + 1 %, TP/FP/FN exact."""
     args = ["--cases", "1", "--no-timing"]
     if REF_PYTHON.is_file():
         args += ["--ref-python", str(REF_PYTHON)]
