@@ -180,20 +180,22 @@ def evaluate_fold(fold: int, datalist: str | Path, data_root: str | Path, fold_d
 ET_THRESHOLDS_ML = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
-def choose_et_threshold(rows: list[dict]) -> dict:
-    """The ET relabelling threshold that maximises out-of-fold mean ET Dice.
+def choose_et_threshold(rows: list[dict], candidates: Sequence[float] = ET_THRESHOLDS_ML) -> dict:
+    """The ET relabelling threshold (of `candidates`) that maximises out-of-fold mean
+    ET Dice.
 
     Exact from the metrics rows alone: relabelling a case's ET (predicted volume
     below t) makes its ET Dice 1 if the reference has no ET, else 0; cases above
-    t keep their Dice. Ties go to the smaller threshold.
+    t keep their Dice. Ties go to the smaller threshold. A task without ET
+    relabelling (`Task.et_relabel`, metastases) passes ``(0.0,)``.
     """
     et = [r for r in rows if r["region"] == "ET"]
     scores = {}
-    for t in ET_THRESHOLDS_ML:
+    for t in candidates:
         d = [(1.0 if r["vol_ref_ml"] == 0 else 0.0) if 0 < r["vol_pred_ml"] < t else r["dice"]
              for r in et]
         scores[t] = float(np.mean(d)) if d else 0.0
-    best = max(ET_THRESHOLDS_ML, key=lambda t: (round(scores[t], 9), -t))
+    best = max(candidates, key=lambda t: (round(scores[t], 9), -t))
     return {"et_min_ml": best, "et_dice_by_threshold": {str(t): v for t, v in scores.items()},
             "chosen_on": f"{len(et)} out-of-fold cases"}
 
@@ -287,7 +289,9 @@ def run_cv(cfg: dict, datalist: str | Path, data_root: str | Path, out_dir: str 
     # the rules (Dice of non-empty masks is the same under every rule set; brats-eval's
     # NaN for both empty would leave nothing to gain from removing a spurious ET).
     post = choose_et_threshold([{**r, "dice": 1.0} if r["vol_pred_ml"] == 0 == r["vol_ref_ml"]
-                                else r for r in rows])
+                                else r for r in rows], ET_THRESHOLDS_ML if task.et_relabel else (0.0,))
+    if not task.et_relabel:
+        post["why"] = f"task {task.name}: a small ET is a lesion, never relabelled"
     summary["postprocessing"] = post
     write_json(post, out_dir / "postprocessing.json")
     write_json(summary, out_dir / "cv_summary.json")

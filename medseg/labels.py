@@ -319,7 +319,9 @@ class Task:
     paint: (region, class) pairs painted in this order to turn regions back into labels
       (later wins).
     rules: the default scoring rule set (`medseg.scoring`).
-    postprocess: default post-processing (`min_component_ml`, `et_min_ml`).
+    et_relabel: the default post-processing may turn a small predicted ET into core
+      (`medseg cv` then chooses the volume threshold on the out-of-fold cases); False
+      for metastases, where a small ET is the lesion itself.
     """
 
     name: str
@@ -331,8 +333,7 @@ class Task:
     paint: tuple[tuple[str, str], ...]
     rules: str
     overrides: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    postprocess: Mapping[str, float] = field(default_factory=lambda: {"min_component_ml": 0.0,
-                                                                      "et_min_ml": 0.0})
+    et_relabel: bool = True
 
     def region_classes(self, region: str) -> tuple[str, ...]:
         """The classes region `region` holds in this task (ped2024 TC = NCR ∪ ET ∪ CC)."""
@@ -366,14 +367,14 @@ class Task:
         return {"name": self.name, "outputs": list(self.outputs), "scored": list(self.scored),
                 "regions": {r: list(self.region_classes(r)) for r in self.regions},
                 "paint": [list(p) for p in self.paint], "convention": self.convention,
-                "rules": self.rules, "cohort": self.cohort}
+                "rules": self.rules, "cohort": self.cohort, "et_relabel": self.et_relabel}
 
 
 _PAINT3 = (("WT", "ED"), ("TC", "NCR"), ("ET", "ET"))
 
 
-def _task3(name: str, description: str, convention: str, cohort: str, rules: str) -> Task:
-    return Task(name, description, convention, cohort, REGIONS, REGIONS, _PAINT3, rules)
+def _task3(name: str, description: str, convention: str, cohort: str, rules: str, et_relabel: bool = True) -> Task:
+    return Task(name, description, convention, cohort, REGIONS, REGIONS, _PAINT3, rules, et_relabel=et_relabel)
 
 
 #: Every task medseg learns, by name.
@@ -390,7 +391,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          (("WT", "ED"), ("TC", "NCR"), ("CC", "CC"), ("ET", "ET")), "brats-eval",
          overrides={"TC": ("NCR", "ET", "CC"), "WT": ("NCR", "ED", "ET", "CC")}),
     _task3("men2023", "BraTS 2023 meningioma (pre-operative): TC, WT, ET", "brats2023", "MEN", "brats23-men"),
-    _task3("met2023", "BraTS 2023 brain metastases: TC, WT, ET", "brats2023", "MET", "brats23-met"),
+    _task3("met2023", "BraTS 2023 brain metastases: TC, WT, ET", "brats2023", "MET", "brats23-met",
+           et_relabel=False),
     _task3("ssa2023", "BraTS 2023 sub-Saharan African adult glioma: TC, WT, ET", "brats2023", "SSA",
            "brats23-ssa"),
 )}

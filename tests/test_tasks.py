@@ -297,3 +297,15 @@ def test_three_region_checkpoints_written_before_tasks_still_predict(split, tmp_
     assert pred.spec.task == "gli2023" and pred.spec.regions == ("TC", "WT", "ET")
     labels, _ = pred.labels(images)
     assert set(np.unique(labels)) <= {0, 1, 2, 3}
+
+
+def test_metastases_never_relabel_a_small_enhancing_tumour():
+    from medseg.cv import ET_THRESHOLDS_ML, choose_et_threshold
+    # one case whose reference has no ET and a spurious 0.1 mL ET: relabelling would help
+    rows = [{"region": "ET", "dice": 0.0, "vol_pred_ml": 0.1, "vol_ref_ml": 0.0},
+            {"region": "ET", "dice": 0.8, "vol_pred_ml": 5.0, "vol_ref_ml": 5.5}]
+    assert choose_et_threshold(rows)["et_min_ml"] > 0
+    assert [t.name for t in TASKS.values() if not t.et_relabel] == ["met2023"]
+    met = get_task("met2023")
+    got = choose_et_threshold(rows, ET_THRESHOLDS_ML if met.et_relabel else (0.0,))
+    assert got["et_min_ml"] == 0.0 and list(got["et_dice_by_threshold"]) == ["0.0"]
