@@ -309,3 +309,4 @@ def test_metastases_never_relabel_a_small_enhancing_tumour():
     met = get_task("met2023")
     got = choose_et_threshold(rows, ET_THRESHOLDS_ML if met.et_relabel else (0.0,))
     assert got["et_min_ml"] == 0.0 and list(got["et_dice_by_threshold"]) == ["0.0"]
+
