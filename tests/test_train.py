@@ -43,7 +43,10 @@ def test_train_writes_a_self_describing_run(split, tmp_path):
                  "checkpoints/last.pt", "checkpoints/best.pt", "checkpoints/final.pt"):
         assert (out / name).is_file(), name
     assert any((out / "tensorboard").iterdir())
-    assert json.loads((out / "config.json").read_text()) == tiny()
+    # the config as run: data.task resolved from the datalist (BraTS-GLI cases, brats2023 labels)
+    want = tiny()
+    want["data"]["task"] = "gli2023"
+    assert json.loads((out / "config.json").read_text()) == want
     rows = log_rows(out)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert all(0.0 <= float(rows[-1][f"dice_{r}"]) <= 1.0 for r in ("TC", "WT", "ET"))
