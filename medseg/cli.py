@@ -106,7 +106,7 @@ def _cmd_split(a) -> int:
     dl = build_datalist(ds, conv, scans, a.folds, a.seed, name)
     task, why = _dataset_task(ds, conv, a.task)
     if a.task:
-        dl["task"] = task.name
+        dl["task"], dl["regions"] = task.name, list(task.outputs)
     written = write_datalist(dl, a.out, a.overwrite)
     sizes = [sum(1 for e in dl["training"] if e["fold"] == k) for k in range(a.folds)]
     print(f"{'wrote' if written else 'unchanged'} {a.out}: {len(dl['training'])} cases in "

@@ -22,7 +22,7 @@ from medseg import __version__
 from medseg.data.discover import Case, Dataset, LabelScan
 from medseg.data.io import write_json
 from medseg.errors import DataError, MedsegError
-from medseg.labels import REGIONS, LabelConvention, Task, brats_cohort, detect_task, get_task, task_problem
+from medseg.labels import LabelConvention, Task, brats_cohort, detect_task, get_task, task_problem
 
 __all__ = ["assign_folds", "build_datalist", "write_datalist", "load_datalist"]
 
@@ -120,7 +120,7 @@ def build_datalist(dataset: Dataset, convention: LabelConvention, scans: list[La
         "layout": dataset.layout.name,
         "label_convention": convention.to_dict(),
         "channels": list(dataset.layout.channels),
-        "regions": list(REGIONS),
+        "regions": list(detect_task(convention, [brats_cohort(c.case_id) for c in train])[0].outputs),
         "num_folds": n_folds,
         "seed": seed,
         "paths": "relative to the data root (--data-root)",
