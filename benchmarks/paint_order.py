@@ -23,7 +23,6 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,6 @@ models written before tasks."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -16,9 +15,8 @@ import torch
 
 from medseg.data.synth import synthesize
 from medseg.errors import DataError, LabelError, MedsegError
-from medseg.labels import (CONVENTIONS, TASKS, brats_cohort, conversion_problem, detect_task, get_convention,
-                           get_task, labels_to_regions, legacy_task, region_masks, regions_to_labels,
-                           task_problem)
+from medseg.labels import (CONVENTIONS, TASKS, conversion_problem, detect_task, get_convention, get_task,
+                           labels_to_regions, legacy_task, regions_to_labels, task_problem)
 from medseg.pipeline import PipelineSpec
 
 from conftest import TINY, TINY_TRAIN
