@@ -248,6 +248,19 @@ def _distance(x, y, z, centre) -> np.ndarray:
     return np.sqrt((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2) + 1e-3
 
 
+def _lobulated(prng, fields, x, y, z, centre, rad: float, lobes: float):
+    """(distance to `centre` in mm, distance in units of a lobulated radius `rad`
+    whose outline varies by ±`lobes`)."""
+    d = _distance(x, y, z, centre)
+    return d, d / (rad * (1 + lobes * fields(prng, max(8.0, rad))))
+
+
+def _edema_reach(prng, fields, rad: float, lo: float, hi: float) -> np.ndarray:
+    """How far oedema reaches from a lesion of radius `rad`: `rad` + U(lo, hi) mm,
+    modulated by a smooth field."""
+    return rad + prng.uniform(lo, hi) * (1 + 0.45 * fields(prng, 12))
+
+
 def _some(mask: np.ndarray, field: np.ndarray, threshold: float) -> np.ndarray:
     """`mask` where `field` > threshold; its highest-field voxel when that is empty."""
     sel = mask & (field > threshold)
@@ -313,8 +326,7 @@ def _render_pathology(task: str, plan: dict, prng: np.random.Generator, classes:
     near = (classes == WM) | (classes == DGM)  # where edema spreads (it spares the cortex)
     if task == "gli2024":
         centre, rad = plan["centre"], plan["radius"]
-        d = _distance(x, y, z, centre)
-        rt = d / (rad * (1 + 0.25 * fields(prng, max(8.0, rad))))
+        d, rt = _lobulated(prng, fields, x, y, z, centre, rad, 0.25)
         cavity = (rt < 1) & brain
         reach = rad + prng.uniform(8, 25) * growth * (1 + 0.45 * fields(prng, 12))
         classes[(d < reach) & brain & ~cavity & (near | (rt < 1.4))] = ED
@@ -332,11 +344,10 @@ def _render_pathology(task: str, plan: dict, prng: np.random.Generator, classes:
         return "enhancing residual" if enhancing else "no enhancing residual"
     if task == "ped2024":
         centre, rad = plan["centre"], plan["radius"]
-        d = _distance(x, y, z, centre)
-        rt = d / (rad * (1 + 0.2 * fields(prng, max(8.0, rad))))
+        d, rt = _lobulated(prng, fields, x, y, z, centre, rad, 0.2)
         solid = (rt < 1) & brain
         if prng.random() < 0.8:
-            reach = rad + prng.uniform(4, 16) * (1 + 0.45 * fields(prng, 12))
+            reach = _edema_reach(prng, fields, rad, 4, 16)
             classes[(d < reach) & brain & ~solid & (near | (rt < 1.3))] = ED
         classes[solid] = NCR
         enhancing = prng.random() < 0.6
@@ -353,11 +364,10 @@ def _render_pathology(task: str, plan: dict, prng: np.random.Generator, classes:
     if task == "men2023":
         centre, rad = plan["centre"], plan["radius"]
         skull = envelope < 1.0  # the inner skull surface: the brain's envelope, undeformed
-        d = _distance(x, y, z, centre)
-        rt = d / (rad * (1 + 0.15 * fields(prng, max(8.0, rad))))
+        d, rt = _lobulated(prng, fields, x, y, z, centre, rad, 0.15)
         dome = (rt < 1) & skull
         if prng.random() < 0.5:
-            reach = rad + prng.uniform(5, 20) * (1 + 0.45 * fields(prng, 12))
+            reach = _edema_reach(prng, fields, rad, 5, 20)
             classes[(d < reach) & brain & ~dome & (near | (rt < 1.4))] = ED
         # Dural tail: a thin strip along the inner skull surface, on one or both sides.
         depth = ndi.distance_transform_edt(skull, sampling=spacing)  # mm inside the skull surface
