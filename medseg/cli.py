@@ -118,15 +118,8 @@ def _cmd_split(a) -> int:
 def _dataset_task(ds, conv, task: str | None):
     """(task, why) of a discovered dataset: `task` (--task, checked against its labels),
     else detected from its convention and the cohorts its case ids name."""
-    from medseg.labels import brats_cohort, detect_task, get_task, task_problem
-    if task:
-        t, why = get_task(task), "chosen with --task"
-    else:
-        t, why = detect_task(conv, [brats_cohort(c.case_id) for c in ds.training or ds.cases])
-    problem = task_problem(t, conv)
-    if problem:
-        raise MedsegError(f"{ds.root}: {problem}")
-    return t, why
+    from medseg.labels import resolve_task
+    return resolve_task(conv, [c.case_id for c in ds.training or ds.cases], task, source=str(ds.root))
 
 
 def _cmd_preprocess(a) -> int:

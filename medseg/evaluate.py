@@ -24,8 +24,9 @@ from medseg.data.discover import discover, resolve_convention
 from medseg.data.io import (atomic_path, is_nifti, load_array, load_header, nifti_stem, same_grid,
                             write_json)
 from medseg.errors import DataError, MedsegError
-from medseg.labels import (CONVENTIONS, REGIONS, Task, brats_cohort, detect_task, get_convention, get_task,
-                           legacy_task, region_masks, task_problem, validate_labels)
+from medseg.data.inputs import read_manifest
+from medseg.labels import (CONVENTIONS, REGIONS, Task, get_convention, get_task, legacy_task, region_masks,
+                           resolve_task, validate_labels)
 from medseg.metrics import mean_iou, score_case
 from medseg.scoring import (ALL_METRICS, CASE_METRICS, DEFAULT_RULES, describe_rules, get_rules,
                             rule_metrics)
@@ -175,27 +176,9 @@ def folder_task(pred: Path, conv: str, case_ids: Iterable[str], task: str | None
     the model's, recorded in ``predictions.json`` by `medseg predict`, else detected
     from the references' convention and case ids. Labels the task cannot be scored
     on are an error."""
-    if task:
-        t, why = get_task(task), "chosen (--task)"
-    else:
-        recorded = None
-        manifest = Path(pred) / "predictions.json"
-        if manifest.is_file():
-            try:
-                import json
-                recorded = (json.loads(manifest.read_text()).get("run") or {}).get("task")
-            except (OSError, ValueError):
-                recorded = None
-        if isinstance(recorded, dict):
-            recorded = recorded.get("name")
-        if recorded:
-            t, why = get_task(recorded), f"the model's, recorded in {manifest}"
-        else:
-            t, why = detect_task(conv, [brats_cohort(c) for c in case_ids])
-    problem = task_problem(t, conv)
-    if problem:
-        raise DataError(f"references in {conv}: {problem}")
-    return t, why
+    recorded = (read_manifest(Path(pred)).get("run") or {}).get("task")
+    where = f"{Path(pred) / 'predictions.json'} (the model's)"
+    return resolve_task(conv, case_ids, task, (recorded, where), f"references in {conv}")
 
 
 def evaluate_folder(pred: str | Path, ref: str | Path, out: str | Path,

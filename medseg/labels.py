@@ -43,7 +43,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from medseg.errors import LabelError, MedsegError
+from medseg.errors import DataError, LabelError, MedsegError
 
 __all__ = [
     "REGIONS",
@@ -64,6 +64,7 @@ __all__ = [
     "legacy_task",
     "detect_task",
     "task_problem",
+    "resolve_task",
     "labels_to_regions",
     "region_masks",
     "regions_to_labels",
@@ -459,6 +460,24 @@ def task_problem(task: "str | Task", convention: "str | LabelConvention") -> str
                 f"{', '.join(CLASS_NAMES[c] for c in extra)}, which task {t.name} has no region for; "
                 f"use the task of those labels ({detect_task(conv)[0].name})")
     return None
+
+
+def resolve_task(convention: "str | LabelConvention", case_ids: Iterable[str], chosen: str | None = None,
+                 recorded: tuple[str, str] | None = None, source: str = "data") -> tuple[Task, str]:
+    """The task of cases labelled in `convention` → (task, why): `chosen` (``--task``,
+    ``data.task``), else `recorded` ((name, where it was recorded)), else detected from
+    the convention and the cohorts the `case_ids` name (`detect_task`). Labels the task
+    cannot learn from or be scored on are a `DataError` naming `source`."""
+    if chosen:
+        t, why = get_task(chosen), "chosen (--task / data.task)"
+    elif recorded and recorded[0]:
+        t, why = get_task(recorded[0]), f"recorded in {recorded[1]}"
+    else:
+        t, why = detect_task(convention, [brats_cohort(c) for c in case_ids])
+    problem = task_problem(t, convention)
+    if problem:
+        raise DataError(f"{source}: {problem}")
+    return t, why
 
 
 def _task_of(convention: "str | LabelConvention", task: "str | Task | None") -> Task:

@@ -22,7 +22,7 @@ from medseg import __version__
 from medseg.data.discover import Case, Dataset, LabelScan
 from medseg.data.io import write_json
 from medseg.errors import DataError, MedsegError
-from medseg.labels import LabelConvention, Task, brats_cohort, detect_task, get_task, task_problem
+from medseg.labels import LabelConvention, Task, brats_cohort, detect_task, resolve_task
 
 __all__ = ["assign_folds", "build_datalist", "write_datalist", "load_datalist"]
 
@@ -173,15 +173,6 @@ def datalist_task(dl: dict, task: str | None = None, source: str = "datalist") -
     """The BraTS task of a datalist's cases → (task, why): `task` when given (``--task``,
     ``data.task``), else the datalist's ``task`` key (``medseg data split --task``), else
     detected from its label convention and the cohorts its case ids name
-    (`medseg.labels.detect_task`). Labels the task cannot learn from are an error."""
-    conv = dl["label_convention"]["name"]
-    if task:
-        t, why = get_task(task), "chosen (--task / data.task)"
-    elif dl.get("task"):
-        t, why = get_task(dl["task"]), f"recorded in {source}"
-    else:
-        t, why = detect_task(conv, [brats_cohort(e["id"]) for e in dl["training"]])
-    problem = task_problem(t, conv)
-    if problem:
-        raise DataError(f"{source}: {problem}")
-    return t, why
+    (`medseg.labels.resolve_task`). Labels the task cannot learn from are an error."""
+    return resolve_task(dl["label_convention"]["name"], [e["id"] for e in dl["training"]], task,
+                        (dl.get("task"), source), source)
