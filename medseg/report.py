@@ -147,7 +147,6 @@ def make_report(pred: str | Path, images: str | Path, out: str | Path,
         mimg = load_header(mask_path)
         labels = load_array(mask_path, mimg)
         volumes = case_volumetry(labels, mimg.affine, conv, str(mask_path), task=t)
-        regions = labels[None]
         record = records.get(case.case_id) or {}
         raw = record.get("raw") if isinstance(record, dict) and isinstance(record.get("raw"), dict) else None
         shown = {}
@@ -159,12 +158,12 @@ def make_report(pred: str | Path, images: str | Path, out: str | Path,
             else:
                 path = case.images[present.index(name)]
                 arr = load_array(path)
-            if arr.shape != regions.shape[1:]:
+            if arr.shape != labels.shape:
                 # A raw study's mask lies on its reference series' native grid, not
                 # on the atlas grid of its atlas-space case: show that series.
-                native = _native_reference(raw, pred, case.case_id, regions.shape[1:]) if raw else None
+                native = _native_reference(raw, pred, case.case_id, labels.shape) if raw else None
                 if native is None:
-                    raise MedsegError(f"{mask_path}: grid {regions.shape[1:]} does not match the image "
+                    raise MedsegError(f"{mask_path}: grid {labels.shape} does not match the image "
                                       f"{path} {arr.shape}")
                 shown = {native[0]: _canonical(native[1], mimg.affine)}
                 break
