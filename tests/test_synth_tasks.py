@@ -84,6 +84,33 @@ def test_post_treatment_cavity_rim_and_residual():
     assert 1 <= with_ncr <= 9
 
 
+def test_post_treatment_et_is_nodular_and_the_thin_wall_enhancement_is_not_labelled():
+    """BraTS 2024: ET is thick or nodular enhancement; the thin linear enhancement
+    lining a resection cavity is not ET. Both are rendered, told apart by shape."""
+    wall_enhancing = 0
+    for p in range(8):
+        case = _case("gli2024", p, synth.DEMO_SHAPE, False)
+        et, rc = case.classes == synth.ET, case.classes == synth.RC
+        comps, n = ndi.label(et)
+        depth = ndi.distance_transform_edt(et)
+        for i in range(1, n + 1):  # every ET lesion is deeper than a one-voxel line (depth 1): a nodule
+            assert depth[comps == i].max() >= 1.7, (p, i)
+            assert (ndi.binary_dilation(rc) & (comps == i)).any(), (p, i)   # on the cavity wall
+        # The wall's enhancement: only on non-tumour tissue touching the cavity (or a nodule in it),
+        # labelled as that tissue, and bright on T1ce but not on T1.
+        wall = case.enhance
+        if wall is None or not wall.any():
+            continue
+        wall_enhancing += 1
+        assert not (wall & ~ndi.binary_dilation(rc | et)).any() and not (wall & np.isin(case.classes, (synth.ET, synth.NCR, synth.RC))).any()
+        assert not (case.labels("brats2024")[wall] == 3).any()
+        for cls in np.unique(case.classes[wall]):
+            same = case.classes == cls
+            gain = [case.images[m][same & wall].mean() / case.images[m][same & ~wall].mean() for m in (T1CE, T1)]
+            assert gain[0] > 1.3 and 0.8 < gain[1] < 1.2, (p, cls, gain)
+    assert wall_enhancing >= 3, wall_enhancing     # about 70 % of cases (14 of patients 0-19)
+
+
 def test_post_treatment_cavity_size_on_demo_grid():
     for p in range(2):
         case = _case("gli2024", p, synth.DEMO_SHAPE, False)

@@ -20,10 +20,14 @@ BraTS's 240 × 240 × 155 mm field of view and rendered on any grid:
   - ``gli2021``, ``gli2023`` (default): the adult glioma above;
   - ``ssa2023`` (sub-Saharan Africa): the same glioma, scanned with a lower
     contrast-to-noise ratio (noise × 1.6, a stronger bias field);
-  - ``gli2024`` (post-treatment glioma): a lobulated fluid-filled resection
-    cavity (RC) where the tumour was, a thin partial enhancing rim (ET) in about
-    60 % of cases (no ET at all in the others), residual non-enhancing tumour
-    (NCR) as irregular patches beside the cavity in about half, edema around;
+  - ``gli2024`` (post-treatment glioma), labelled as BraTS 2024 defines ET
+    (thick or nodular enhancement, not the thin linear enhancement of a cavity
+    wall): a lobulated fluid-filled resection cavity (RC) where the tumour was;
+    1-3 enhancing nodules (ET, 5-12 mm, the larger ones sometimes necrotic) on
+    its wall in about 60 % of cases (no ET at all in the others); thin (1-2 mm)
+    postoperative enhancement along part of the wall in about 70 %, bright on
+    T1ce but not labelled; residual non-enhancing tumour (NCR) as irregular
+    patches beside the cavity in about half; edema around;
   - ``ped2024`` (paediatric): a solid tumour (NCR class), mostly in the
     posterior fossa or midline (cerebellum, brainstem, thalamus), patchy
     enhancement (ET) in about 60 %, one or two cysts (CC) inside or beside it in
@@ -149,6 +153,9 @@ class SynthCase:
     orientation: tuple[str, str, str]
     grade: str
     task: str = "gli2023"
+    #: Voxels rendered enhancing on T1ce that are not tumour (gli2024: the thin
+    #: postoperative enhancement of the cavity wall; their labels are unchanged).
+    enhance: np.ndarray | None = None
 
     def labels(self, convention: str) -> np.ndarray:
         """Label map (X, Y, Z) uint8 in `convention`.
@@ -322,9 +329,15 @@ def _plan_pathology(task: str, prng: np.random.Generator, c, side: float, size: 
 
 def _render_pathology(task: str, plan: dict, prng: np.random.Generator, classes: np.ndarray,
                       brain: np.ndarray, x, y, z, fields, spacing, envelope, growth: float) -> str:
-    """Draw the lesions of a non-glioma `task` into `classes`; returns the case's grade."""
+    """Draw the lesions of a non-glioma `task` into `classes`; returns the case's grade.
+    May set `plan["enhance"]`: a mask of voxels that enhance on T1ce without being
+    tumour (their tissue class, hence their label, is unchanged)."""
     near = (classes == WM) | (classes == DGM)  # where edema spreads (it spares the cortex)
     if task == "gli2024":
+        # The BraTS 2024 post-treatment labels: ET is thick or nodular enhancement
+        # (residual or recurrent tumour); the thin linear enhancement that lines a
+        # resection cavity after surgery is *not* ET. Both are rendered, so a model
+        # has to tell them apart by shape, as a reader does.
         centre, rad = plan["centre"], plan["radius"]
         d, rt = _lobulated(prng, fields, x, y, z, centre, rad, 0.25)
         cavity = (rt < 1) & brain
@@ -335,12 +348,25 @@ def _render_pathology(task: str, plan: dict, prng: np.random.Generator, classes:
             depth = max(prng.uniform(4, 10) * growth, 1.5 * float(max(spacing)))
             shell = brain & ~cavity & (outside <= depth)
             classes[_some(shell, fields(prng, 9), 0.6)] = NCR
-        enhancing = prng.random() < 0.6
-        if enhancing:  # a thin enhancing rim around parts of the cavity
-            # 1-3 mm, and at least the voxels touching the cavity (coarse grids).
-            rim = brain & ~cavity & ((outside <= prng.uniform(1, 3)) | ndi.binary_dilation(cavity))
-            classes[_some(rim, fields(prng, 20), prng.uniform(-0.6, 0.2))] = ET
         classes[cavity] = RC
+        # The wall: brain voxels within one voxel (or 1-2 mm) of the cavity.
+        wall = brain & ~cavity & ((outside <= prng.uniform(1, 2)) | ndi.binary_dilation(cavity))
+        if prng.random() < 0.7:  # thin postoperative enhancement along part of the wall: not labelled
+            plan["enhance"] = _some(wall, fields(prng, 20), prng.uniform(-0.6, 0.3))
+        enhancing = prng.random() < 0.6
+        if enhancing:  # 1-3 enhancing nodules on the wall, bulging into the cavity
+            sites = np.argwhere(wall)
+            for _ in range(1 if prng.random() < 0.5 else int(prng.integers(2, 4))):
+                i, j, k = sites[prng.integers(len(sites))]
+                site = np.array([x.ravel()[i], y.ravel()[j], z.ravel()[k]], np.float32)
+                nrad = max(prng.uniform(5, 12) * growth, 1.5 * float(max(spacing)))
+                _, nt = _lobulated(prng, fields, x, y, z, site, min(nrad, 0.7 * rad), 0.2)
+                nodule = (nt < 1) & brain
+                classes[nodule] = ET
+                if nrad > 7 and prng.random() < 0.4:  # a necrotic centre in a large nodule
+                    classes[nodule & (nt < prng.uniform(0.35, 0.55))] = NCR
+        if "enhance" in plan:  # on the wall's non-tumour tissue only
+            plan["enhance"] &= ~np.isin(classes, (ET, NCR))
         return "enhancing residual" if enhancing else "no enhancing residual"
     if task == "ped2024":
         centre, rad = plan["centre"], plan["radius"]
@@ -551,8 +577,11 @@ def render_case(seed: int, patient: int, timepoint: int = 0, shape=DEMO_SHAPE,
     noise_sd = acq.uniform(0.012, 0.035)
     if task == "ssa2023":  # older, lower-field scanners: lower contrast-to-noise
         noise_sd *= 1.6
+    enhance = plan.get("enhance") if task not in _GLIOMA_TASKS else None
     for m in range(4):
         img = contrast[classes, m] * texture
+        if enhance is not None and m == 1:  # enhancement that is not tumour (gli2024: the cavity wall)
+            img = np.where(enhance, 0.9 * contrast[ET, 1] * texture, img)
         img = ndi.gaussian_filter(img, blur)
         img *= np.exp(0.12 * fields(acq, 90))  # smooth bias field
         if task == "ssa2023":
@@ -562,7 +591,7 @@ def render_case(seed: int, patient: int, timepoint: int = 0, shape=DEMO_SHAPE,
         img = np.sqrt((img + n1) ** 2 + n2**2)  # Rician magnitude noise
         img *= acq.uniform(300, 3000)  # arbitrary scanner scale
         images[m] = np.where(inside, np.maximum(img, 1.0), 0.0)
-    return SynthCase(images, classes, affine, orientation, grade, task)
+    return SynthCase(images, classes, affine, orientation, grade, task, enhance)
 
 
 def _case_plan(n_cases: int, layout: str, seed: int,
