@@ -291,3 +291,34 @@ def test_building_in_process_leaves_the_thread_count_alone(split, tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_threaded_checks_parse_one_npy_header_at_a_time(split, tmp_path, monkeypatch):
+    """The store's checks run in threads and numpy parses .npy headers with
+    `ast.literal_eval`; on CPython 3.11 < 3.11.8 two threads in the AST constructor
+    at once can corrupt it for the whole process (python/cpython#106905: every later
+    `ast` call raises SystemError). So the header parses must never overlap."""
+    import ast
+    import threading
+
+    data, cases, _, _ = _cases(split)
+    store = ensure_store(cases, tmp_path / "pp", SPACING, data.channels, data.convention, jobs=1,
+                         print_fn=quiet)
+    original, inside, worst, guard = ast.literal_eval, [0], [0], threading.Lock()
+
+    def watched(text):
+        with guard:
+            inside[0] += 1
+            worst[0] = max(worst[0], inside[0])
+        try:
+            time.sleep(0.01)   # widen the window in which another thread could enter
+            return original(text)
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    monkeypatch.setattr(ast, "literal_eval", watched)
+    from medseg.data.preprocessed import verify_store
+    assert verify_store(store.path, jobs=4) == []
+    ensure_store(cases, tmp_path / "pp", SPACING, data.channels, data.convention, jobs=4, print_fn=quiet)
+    assert worst[0] == 1

@@ -66,6 +66,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -282,12 +283,21 @@ def _busy(store_dir: Path, case_id: str) -> bool:
 
 # ---------------------------------------------------------------- checks
 
+# numpy parses a .npy header with `ast.literal_eval`. On CPython 3.11 before 3.11.8
+# two threads in the AST constructor at once can corrupt its global recursion
+# counter (python/cpython#106905), after which every `ast` call in the process
+# fails with "SystemError: AST constructor recursion depth mismatch". The checks
+# run in threads (`_check_all`, `verify_store`): one header parse at a time.
+_HEADER_LOCK = threading.Lock()
+
+
 def _npy_header(path: Path) -> tuple[list[int], str]:
     """(shape, dtype name) from a .npy file's header: a few hundred bytes read."""
     with open(path, "rb") as f:
         major, _ = np.lib.format.read_magic(f)
         read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f)
+        with _HEADER_LOCK:
+            shape, _, dtype = read(f)
     return list(shape), np.dtype(dtype).name
 
 
