@@ -285,6 +285,7 @@ def test_bad_bundle_inputs_are_clear_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------- runs via monai.bundle
+@pytest.mark.slow   # 8-20 s on 2 cores: `make test-slow`
 def test_bundle_run_equals_cli_run(tiny, tmp_path):
     """`monai.bundle run training` + `run evaluating` and `medseg cv --fold 0` with the
     same seed and overrides: identical training history, weights and metrics."""

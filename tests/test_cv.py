@@ -61,6 +61,7 @@ def test_cv_writes_oof_masks_on_input_grids_and_summary(split, tmp_path):
     assert "Dice" in format_summary(summary) and "HD95" in format_summary(summary)
 
 
+@pytest.mark.slow   # 8-20 s on 2 cores: `make test-slow`
 def test_cv_rerun_skips_finished_folds(split, tmp_path):
     dl, root = split("brats2023", cases=6, folds=2)
     out = tmp_path / "exp"

@@ -119,6 +119,7 @@ def test_epoch_sampler_matches_across_ranks_and_is_seeded():
     assert list(s) != one and sorted({i for i, _ in one}) == list(range(5))
 
 
+@pytest.mark.slow   # 8-20 s on 2 cores: `make test-slow`
 def test_two_folds_and_parallel_trainers_share_one_store(split, tmp_path):
     """cv preprocesses once; both folds (trained in this process, then one again as a
     separate `medseg train` process) read the same entries: none is rewritten and
@@ -173,6 +174,7 @@ def test_torchrun_ranks_split_the_build_and_read_one_store(split, tmp_path):
     assert _mtimes(stores[0]) == before and len(list((tmp_path / "pp").iterdir())) == 1
 
 
+@pytest.mark.slow   # 8-20 s on 2 cores: `make test-slow`
 def test_killed_build_resumes_without_redoing_finished_cases(split, tmp_path):
     dl, root = split("brats2023", 6)
     pp = tmp_path / "pp"

@@ -61,6 +61,7 @@ def test_train_writes_a_self_describing_run(split, tmp_path):
         assert model(torch.zeros(1, 4, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
 
 
+@pytest.mark.slow   # 8-20 s on 2 cores: `make test-slow`
 def test_same_seed_same_metrics_and_weights(split, tmp_path):
     dl, root = split()
     a = train_fold(tiny(), dl, root, 0, tmp_path / "a", print_fn=lambda s: None)
